@@ -1,0 +1,1 @@
+"""OCI image indexer: layers to index and chunks."""

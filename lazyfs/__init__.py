@@ -1,0 +1,19 @@
+"""lazyfs: container images served lazily from content-addressed chunks.
+
+Layout of the core package (it knows nothing of the indexer or the runtime):
+
+- ``errors``    domain exceptions, translated to errno or exit codes at the edges
+- ``chunk``     chunk addresses and the stored chunk object format
+- ``store``     object stores (``file://`` directory, ``s3://`` bucket) with retries
+- ``index``     the binary image index: writer, reader and format description
+- ``refs``      image references -> index digests, published last
+- ``tiers``     RAM, LMDB and store tiers behind one interface, and the chain
+- ``config``    the daemon's typed configuration (TOML file plus flags)
+- ``tree``      the mounted namespace: inode numbers, attributes, lookups
+- ``fuse_ops``  the thin pyfuse3 adapter over ``tree``
+- ``control``   the daemon's control socket (status, statistics)
+- ``daemon``    mount wiring: tiers, tree, FUSE session, signals
+- ``cli``       the ``lazyfs`` command
+"""
+
+__version__ = "0.1.0"

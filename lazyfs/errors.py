@@ -1,0 +1,41 @@
+"""Domain exceptions.
+
+Code below the edges raises these; the FUSE adapter maps them to errno values
+and the command-line programs map them to exit codes, each in one place.
+"""
+
+
+class LazyfsError(Exception):
+    """Base class of every error lazyfs raises on purpose."""
+
+
+class ConfigError(LazyfsError):
+    """An invalid configuration file, key or value."""
+
+
+class StoreError(LazyfsError):
+    """A store request failed after its retries."""
+
+
+class ObjectNotFound(StoreError):
+    """The store answered that the object does not exist (a definite answer)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"object not found in store: {key}")
+        self.key = key
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer, or kept failing, within the retry budget."""
+
+
+class IntegrityError(LazyfsError):
+    """Bytes do not match the digest that names them."""
+
+
+class IndexFormatError(LazyfsError):
+    """An index cannot be parsed: wrong magic, version or a truncated section."""
+
+
+class RefNotFound(LazyfsError):
+    """No ref maps this image reference to an index."""

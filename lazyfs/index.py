@@ -1,0 +1,381 @@
+"""The image index: one flattened image as a compact, deterministic binary object.
+
+Stored object (the index digest is the SHA-256 of these exact bytes)::
+
+    magic   4 bytes  b"LZIX"
+    version u16      FORMAT_VERSION
+    flags   u16      0
+    body    one zstd frame (with content size) holding the body below
+
+Body, all integers little-endian, sections back to back in this order::
+
+    header   7 x u32: inode_count, dirent_count, extent_count, chunk_count,
+                      xattr_count, strings_bytes, config_bytes
+    config   UTF-8 JSON (sorted keys, no spaces): image config and source digests
+    chunks   chunk_count x (sha256 32 bytes, uncompressed length u32)
+    inodes   inode_count x 60 bytes, see INODE below
+    dirents  dirent_count x (name offset u32, name length u32, inode u32)
+    extents  extent_count x (file offset u64, chunk u32, chunk offset u32, length u32)
+    xattrs   xattr_count x (name offset u32, name length u32,
+                            value offset u32, value length u32)
+    strings  names, symlink targets, xattr names and values (raw bytes)
+
+An inode record is (mode, uid, gid, nlink, mtime_ns i64, size u64, rdev u64,
+first, count, parent, xattr_first, xattr_count), where ``first``/``count`` are
+a directory's dirent range, a regular file's extent range, or a symlink's
+target as a strings offset and length. Inode 0 is the image root; a
+directory's parent is itself for the root. Inodes are numbered breadth-first
+with each directory's entries in byte order of their names, a hardlinked
+inode at its first name. A directory's dirents are contiguous and sorted by
+name bytes, so a lookup is a binary search. A file's extents are contiguous,
+ordered by file offset and cover the file exactly; empty files have none.
+
+The reader keeps the decompressed body and decodes records on demand, so a
+loaded index costs about 60 bytes per inode plus its names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import zstandard
+
+from .errors import IndexFormatError
+
+MAGIC = b"LZIX"
+FORMAT_VERSION = 1
+MAX_BODY_BYTES = 1 << 31
+
+_PREAMBLE = struct.Struct("<4sHH")
+_HEADER = struct.Struct("<7I")
+_CHUNK = struct.Struct("<32sI")
+INODE = struct.Struct("<IIIIqQQIIIII")
+_DIRENT = struct.Struct("<III")
+_EXTENT = struct.Struct("<QIII")
+_XATTR = struct.Struct("<IIII")
+
+
+class Inode(NamedTuple):
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    mtime_ns: int
+    size: int
+    rdev: int
+    first: int
+    count: int
+    parent: int
+    xattr_first: int
+    xattr_count: int
+
+
+class Extent(NamedTuple):
+    file_offset: int
+    chunk: int
+    chunk_offset: int
+    length: int
+
+
+# ---------------------------------------------------------------------------
+# Writer
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode of the tree handed to ``write_index``.
+
+    A hardlinked file is one Node placed under several names. ``extents`` lists
+    (chunk address, offset in chunk, length) in file order.
+    """
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    rdev: int = 0
+    target: bytes = b""
+    extents: list[tuple[bytes, int, int]] = field(default_factory=list)
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, "Node"] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def _number_inodes(root: Node) -> tuple[list[Node], dict[int, int], list[int]]:
+    """Number inodes breadth-first; return nodes, id(node) -> inode, parents."""
+    nodes = [root]
+    numbers = {id(root): 0}
+    parents = [0]
+    queue = deque([root])
+    while queue:
+        directory = queue.popleft()
+        for name in sorted(directory.children):
+            child = directory.children[name]
+            if id(child) in numbers:
+                if child.is_dir:
+                    raise ValueError(f"directory {name!r} appears under two names")
+                continue
+            numbers[id(child)] = len(nodes)
+            nodes.append(child)
+            parents.append(numbers[id(directory)])
+            if child.is_dir:
+                queue.append(child)
+    return nodes, numbers, parents
+
+
+def _link_counts(nodes: list[Node], numbers: dict[int, int]) -> list[int]:
+    counts = [0] * len(nodes)
+    counts[0] = 2
+    for node in nodes:
+        if not node.is_dir:
+            continue
+        for child in node.children.values():
+            number = numbers[id(child)]
+            if child.is_dir:
+                counts[number] += 2
+                counts[numbers[id(node)]] += 1
+            else:
+                counts[number] += 1
+    return counts
+
+
+class _Strings:
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def add(self, value: bytes) -> tuple[int, int]:
+        offset = len(self.buffer)
+        self.buffer += value
+        return offset, len(value)
+
+
+def encode_config(config: dict) -> bytes:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def write_index(root: Node, config: dict, chunk_sizes: dict[bytes, int], level: int = 9) -> bytes:
+    """Serialise a flattened tree into index bytes (deterministic for equal input).
+
+    ``chunk_sizes`` maps every chunk address used by an extent to its
+    uncompressed length.
+    """
+    if not root.is_dir:
+        raise ValueError("the index root must be a directory")
+    nodes, numbers, parents = _number_inodes(root)
+    nlinks = _link_counts(nodes, numbers)
+    strings = _Strings()
+    chunk_numbers: dict[bytes, int] = {}
+    chunks = bytearray()
+    inodes = bytearray()
+    dirents = bytearray()
+    extents = bytearray()
+    xattrs = bytearray()
+    dirent_count = extent_count = xattr_count = 0
+
+    for number, node in enumerate(nodes):
+        first = count = 0
+        if node.is_dir:
+            first = dirent_count
+            for name in sorted(node.children):
+                offset, length = strings.add(name)
+                dirents += _DIRENT.pack(offset, length, numbers[id(node.children[name])])
+                dirent_count += 1
+            count = dirent_count - first
+        elif stat.S_ISREG(node.mode):
+            first = extent_count
+            file_offset = 0
+            for address, chunk_offset, length in node.extents:
+                if length <= 0:
+                    raise ValueError("extents must not be empty")
+                if address not in chunk_numbers:
+                    chunk_numbers[address] = len(chunk_numbers)
+                    chunks += _CHUNK.pack(address, chunk_sizes[address])
+                extents += _EXTENT.pack(file_offset, chunk_numbers[address], chunk_offset, length)
+                file_offset += length
+                extent_count += 1
+            if file_offset != node.size:
+                raise ValueError(f"extents cover {file_offset} bytes of a {node.size}-byte file")
+            count = extent_count - first
+        elif stat.S_ISLNK(node.mode):
+            first, count = strings.add(node.target)
+
+        xattr_first = xattr_count
+        for name in sorted(node.xattrs):
+            name_offset, name_length = strings.add(name)
+            value_offset, value_length = strings.add(node.xattrs[name])
+            xattrs += _XATTR.pack(name_offset, name_length, value_offset, value_length)
+            xattr_count += 1
+
+        size = len(node.target) if stat.S_ISLNK(node.mode) else (node.size if stat.S_ISREG(node.mode) else 0)
+        inodes += INODE.pack(node.mode, node.uid, node.gid, nlinks[number], node.mtime_ns, size,
+                             node.rdev, first, count, parents[number], xattr_first,
+                             xattr_count - xattr_first)
+
+    config_bytes = encode_config(config)
+    body = b"".join((
+        _HEADER.pack(len(nodes), dirent_count, extent_count, len(chunk_numbers), xattr_count,
+                     len(strings.buffer), len(config_bytes)),
+        config_bytes, chunks, inodes, dirents, extents, xattrs, strings.buffer,
+    ))
+    compressed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0) + compressed
+
+
+# ---------------------------------------------------------------------------
+# Reader
+
+
+class Index:
+    """A loaded index; records are decoded from the body on each call."""
+
+    def __init__(self, data: bytes, digest: str | None = None):
+        """Parse index bytes; with ``digest`` (hex), verify them against it first."""
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise IndexFormatError(f"index {digest}: SHA-256 of the bytes does not match the digest")
+        self.digest = digest or hashlib.sha256(data).hexdigest()
+        if len(data) < _PREAMBLE.size:
+            raise IndexFormatError(f"index {self.digest}: truncated ({len(data)} bytes)")
+        magic, version, _flags = _PREAMBLE.unpack_from(data)
+        if magic != MAGIC:
+            raise IndexFormatError(f"index {self.digest}: not a lazyfs index (bad magic)")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index {self.digest}: format version {version} is not supported (this lazyfs reads {FORMAT_VERSION})")
+        try:
+            body = zstandard.ZstdDecompressor().decompress(
+                data[_PREAMBLE.size:], max_output_size=MAX_BODY_BYTES)
+        except zstandard.ZstdError as exc:
+            raise IndexFormatError(f"index {self.digest}: body does not decompress: {exc}") from None
+        self._parse(body)
+
+    def _parse(self, body: bytes) -> None:
+        if len(body) < _HEADER.size:
+            raise IndexFormatError(f"index {self.digest}: truncated header")
+        (self.inode_count, self.dirent_count, self.extent_count, self.chunk_count,
+         self.xattr_count, strings_bytes, config_bytes) = _HEADER.unpack_from(body)
+        sizes = [config_bytes, self.chunk_count * _CHUNK.size, self.inode_count * INODE.size,
+                 self.dirent_count * _DIRENT.size, self.extent_count * _EXTENT.size,
+                 self.xattr_count * _XATTR.size, strings_bytes]
+        if _HEADER.size + sum(sizes) != len(body) or self.inode_count == 0:
+            raise IndexFormatError(f"index {self.digest}: section sizes do not match the body length")
+        view = memoryview(body)
+        offset = _HEADER.size
+        sections = []
+        for size in sizes:
+            sections.append(view[offset:offset + size])
+            offset += size
+        (self._config, self._chunks, self._inodes, self._dirents, self._extents,
+         self._xattrs, self._strings) = sections
+        self._body = body
+        self._config_cache: dict | None = None
+        if not stat.S_ISDIR(self.inode(0).mode):
+            raise IndexFormatError(f"index {self.digest}: root is not a directory")
+
+    @property
+    def config(self) -> dict:
+        if self._config_cache is None:
+            self._config_cache = json.loads(bytes(self._config))
+        return self._config_cache
+
+    def inode(self, number: int) -> Inode:
+        return Inode._make(INODE.unpack_from(self._inodes, number * INODE.size))
+
+    def chunk(self, number: int) -> tuple[bytes, int]:
+        """Return (address, uncompressed length) of a chunk table entry."""
+        address, length = _CHUNK.unpack_from(self._chunks, number * _CHUNK.size)
+        return address, length
+
+    def _string(self, offset: int, length: int) -> bytes:
+        return bytes(self._strings[offset:offset + length])
+
+    def dirent(self, number: int) -> tuple[bytes, int]:
+        name_offset, name_length, inode = _DIRENT.unpack_from(self._dirents, number * _DIRENT.size)
+        return self._string(name_offset, name_length), inode
+
+    def lookup(self, directory: int, name: bytes) -> int | None:
+        """Return the inode of ``name`` in a directory inode, or None."""
+        record = self.inode(directory)
+        low, high = record.first, record.first + record.count
+        while low < high:
+            middle = (low + high) // 2
+            name_offset, name_length, inode = _DIRENT.unpack_from(self._dirents, middle * _DIRENT.size)
+            candidate = self._strings[name_offset:name_offset + name_length]
+            if candidate == name:
+                return inode
+            if bytes(candidate) < name:
+                low = middle + 1
+            else:
+                high = middle
+        return None
+
+    def entries(self, directory: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """Yield (position, name, inode) for a directory's entries from ``start`` on."""
+        record = self.inode(directory)
+        for position in range(start, record.count):
+            name, inode = self.dirent(record.first + position)
+            yield position, name, inode
+
+    def readlink(self, number: int) -> bytes:
+        record = self.inode(number)
+        if not stat.S_ISLNK(record.mode):
+            raise ValueError(f"inode {number} is not a symlink")
+        return self._string(record.first, record.count)
+
+    def xattrs(self, number: int) -> dict[bytes, bytes]:
+        record = self.inode(number)
+        result = {}
+        for position in range(record.xattr_first, record.xattr_first + record.xattr_count):
+            name_offset, name_length, value_offset, value_length = _XATTR.unpack_from(
+                self._xattrs, position * _XATTR.size)
+            result[self._string(name_offset, name_length)] = self._string(value_offset, value_length)
+        return result
+
+    def extent(self, number: int) -> Extent:
+        return Extent._make(_EXTENT.unpack_from(self._extents, number * _EXTENT.size))
+
+    def extents(self, number: int, offset: int = 0, size: int | None = None) -> list[Extent]:
+        """Return the extents of a regular file that overlap [offset, offset + size)."""
+        record = self.inode(number)
+        if not stat.S_ISREG(record.mode):
+            raise ValueError(f"inode {number} is not a regular file")
+        end = record.size if size is None else min(record.size, offset + size)
+        if offset >= end:
+            return []
+        low, high = record.first, record.first + record.count
+        # Find the last extent that starts at or before ``offset``.
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.extent(middle).file_offset <= offset:
+                low = middle
+            else:
+                high = middle
+        result = []
+        position = low
+        while position < record.first + record.count:
+            extent = self.extent(position)
+            if extent.file_offset >= end:
+                break
+            result.append(extent)
+            position += 1
+        return result
+
+    def walk(self) -> Iterator[tuple[bytes, int]]:
+        """Yield (path, inode) for every entry, root first as b"", depth-first."""
+        stack = [(b"", 0)]
+        while stack:
+            path, number = stack.pop()
+            yield path, number
+            if stat.S_ISDIR(self.inode(number).mode):
+                children = [(path + b"/" + name if path else name, inode)
+                            for _position, name, inode in self.entries(number)]
+                stack.extend(reversed(children))

@@ -1,0 +1,1 @@
+"""Notebook runtime: kernel containers over lazyfs."""
