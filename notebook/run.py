@@ -1,0 +1,155 @@
+"""``lazyfs-run IMAGE [-- CMD ARGS...]``: run a command in a container over a lazy image.
+
+Steps: find the node's lazyfs daemon through its control socket (start it in
+the background when none answers), resolve IMAGE to its index digest, mount an
+overlayfs with ``<mountpoint>/images/<digest>`` as the lower layer, run the
+command with runc using the image's Env, WorkingDir and User, then remove the
+container and its upper directory. The exit code is the command's.
+
+Exit codes of lazyfs-run itself (the command's own codes pass through, so
+these apply only when no command ran): 125 lazyfs or runc failed to set up
+the container, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lazyfs.config import load_config
+from lazyfs.control import ControlClient
+from lazyfs.daemon import start_background
+from lazyfs.errors import LazyfsError
+
+from .container import ContainerRequest, Runc, run_container
+
+log = logging.getLogger("lazyfs.run")
+
+EXIT_SETUP_FAILED = 125
+
+DEFAULT_STATE_DIR = Path("/var/lib/lazyfs/containers")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazyfs-run",
+        description="Run a command in a runc container whose root is a lazily fetched image.",
+        epilog="Exit code: the command's own; 125 when the container could not be set up; 2 usage error.",
+    )
+    parser.add_argument("image", help="image name, manifest digest (sha256:...) or index digest")
+    parser.add_argument("command", nargs="*", help="command and arguments (after --); default: the image's Entrypoint + Cmd")
+    parser.add_argument("--config", type=Path, help="daemon configuration file (TOML)")
+    parser.add_argument("--store", help="store URL for a daemon started by this command")
+    parser.add_argument("--endpoint-url", help="S3 endpoint URL for a daemon started by this command")
+    parser.add_argument("--mountpoint", help="lazyfs mount point for a daemon started by this command")
+    parser.add_argument("--control-socket", help="control socket of the daemon")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help=f"where container upper directories live (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set an environment variable (repeatable)")
+    parser.add_argument("-w", "--workdir", help="working directory inside the container")
+    parser.add_argument("-u", "--user", help="user[:group] inside the container (default: the image's)")
+    parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    parser.add_argument("--stats", action="store_true",
+                        help="print timings and bytes fetched per tier to stderr after the run")
+    parser.add_argument("--stats-json", type=Path, metavar="FILE",
+                        help="write timings and bytes fetched per tier to FILE as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides = {}
+    for key, value in (("store_url", args.store), ("s3_endpoint_url", args.endpoint_url),
+                       ("mountpoint", args.mountpoint), ("control_socket", args.control_socket)):
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def connect_daemon(config, config_path: Path | None) -> tuple[ControlClient, dict]:
+    """Return a client of the running daemon and its status, starting one if none answers."""
+    client = ControlClient(config.control_socket)
+    try:
+        return client, client.status()
+    except OSError:
+        log.info("no lazyfs daemon answers on %s; starting one", config.control_socket)
+    start_background(config, config_path)
+    return client, client.status()
+
+
+def tier_counters(status: dict) -> dict[str, dict[str, int]]:
+    """Return {tier: {"bytes": n, "hits": n, ...}} from a daemon status."""
+    return {name: {key: value for key, value in tier.items() if isinstance(value, int)}
+            for name, tier in status.get("tiers", {}).items()}
+
+
+def counters_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    return {name: {key: value - before.get(name, {}).get(key, 0) for key, value in counters.items()}
+            for name, counters in after.items()}
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return str(count)
+
+
+def _print_stats(stats: dict) -> None:
+    image = stats["image"]
+    lines = [f"lazyfs-run: image {image['index']}: {image['files']} files, "
+             f"{_format_bytes(image['bytes'])} of file data"]
+    for name, counters in stats["fetched"].items():
+        parts = ", ".join(f"{key} {(_format_bytes(v) if 'bytes' in key else v)}" for key, v in sorted(counters.items()))
+        lines.append(f"lazyfs-run:   {name}: {parts}")
+    timings = ", ".join(f"{key} {value:.3f}s" for key, value in stats["seconds"].items())
+    lines.append(f"lazyfs-run:   seconds: {timings}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(levelname)s: %(message)s")
+    started = time.monotonic()
+    try:
+        config = load_config(args.config, _overrides(args))
+        client, status = connect_daemon(config, args.config)
+        connected = time.monotonic()
+        index_digest = client.resolve(args.image)
+        image = client.image(index_digest)
+        image_dir = Path(status["mountpoint"]) / "images" / index_digest
+        before = tier_counters(client.status())
+        request = ContainerRequest(
+            image_dir=image_dir, image_config=image["config"], args=args.command,
+            env=args.env, workdir=args.workdir, user=args.user, terminal=args.tty)
+        prepared = time.monotonic()
+        exit_code = run_container(request, args.state_dir, Runc())
+        finished = time.monotonic()
+        fetched = counters_delta(before, tier_counters(client.status()))
+    except LazyfsError as exc:
+        print(f"lazyfs-run: error: {exc}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+
+    stats = {
+        "image": {"index": index_digest, "files": image.get("files"), "bytes": image.get("bytes")},
+        "exit_code": exit_code,
+        "fetched": fetched,
+        "seconds": {"daemon": connected - started, "resolve": prepared - connected,
+                    "run": finished - prepared, "total": finished - started},
+    }
+    if args.stats:
+        _print_stats(stats)
+    if args.stats_json:
+        args.stats_json.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

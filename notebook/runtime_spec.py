@@ -1,0 +1,89 @@
+"""The OCI runtime spec (runc's config.json) for a container over an image tree.
+
+The defaults follow what users get from Docker: its default capability set for
+root, a private PID, IPC, UTS, mount and network namespace, masked kernel
+interfaces and a read-only /sys. Devices come from runc's default allow list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .imageuser import ProcessUser
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Docker's default capabilities; a process of a non-root user loses them on exec.
+DEFAULT_CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]
+
+_MASKED_PATHS = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware",
+]
+
+_READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+def _mounts() -> list[dict]:
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+
+
+def merge_env(image_env: list[str], overrides: list[str], user: ProcessUser) -> list[str]:
+    """Merge image and command-line variables; later values win, order is kept."""
+    merged: dict[str, str] = {}
+    for item in list(image_env) + list(overrides):
+        name, _, value = item.partition("=")
+        merged[name] = value
+    merged.setdefault("PATH", DEFAULT_PATH)
+    merged.setdefault("HOME", user.home)
+    return [f"{name}={value}" for name, value in merged.items()]
+
+
+def runtime_spec(rootfs: Path, args: list[str], env: list[str], cwd: str, user: ProcessUser,
+                 hostname: str, terminal: bool = False) -> dict:
+    """Return a runc config for running ``args`` in ``rootfs``."""
+    # The bounding set stays for every user so setuid programs in the image work.
+    effective = DEFAULT_CAPABILITIES if user.uid == 0 else []
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": user.uid, "gid": user.gid,
+                     **({"additionalGids": list(user.additional_gids)} if user.additional_gids else {})},
+            "args": args,
+            "env": env,
+            "cwd": cwd or "/",
+            "capabilities": {"bounding": list(DEFAULT_CAPABILITIES),
+                             "effective": list(effective), "permitted": list(effective)},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": hostname,
+        "mounts": _mounts(),
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": kind} for kind in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": _MASKED_PATHS,
+            "readonlyPaths": _READONLY_PATHS,
+        },
+    }
