@@ -1,0 +1,1 @@
+"""Helpers that start real servers, build test images and compare trees."""
