@@ -7,7 +7,9 @@ Layout of the core package (it knows nothing of the indexer or the runtime):
 - ``store``     object stores (``file://`` directory, ``s3://`` bucket) with retries
 - ``index``     the binary image index: writer, reader and format description
 - ``refs``      image references -> index digests, published last
-- ``tiers``     RAM, LMDB and store tiers behind one interface, and the chain
+- ``tiers``     the tier interface, the RAM tier and the chain that queries tiers in order
+- ``lmdb_tier`` the disk tier: verified chunks in LMDB, bounded by bytes
+- ``store_tier`` the store as a tier: bounded, timed fetches verified before use
 - ``config``    the daemon's typed configuration (TOML file plus flags)
 - ``tree``      the mounted namespace: inode numbers, attributes, lookups
 - ``fuse_ops``  the thin pyfuse3 adapter over ``tree``

@@ -39,3 +39,31 @@ class IndexFormatError(LazyfsError):
 
 class RefNotFound(LazyfsError):
     """No ref maps this image reference to an index."""
+
+
+class FilesystemError(LazyfsError):
+    """A request on the mounted tree failed with a definite errno (ENOENT, ENODATA, ...)."""
+
+    def __init__(self, errno: int, message: str):
+        super().__init__(message)
+        self.errno = errno
+
+
+class ChunkReadError(LazyfsError):
+    """A read needed a chunk that could not be fetched or verified.
+
+    The underlying StoreError or IntegrityError is the ``__cause__``.
+    """
+
+    def __init__(self, image_digest: str, address: bytes, cause: Exception):
+        super().__init__(f"image {image_digest}: chunk {address.hex()}: {cause}")
+        self.image_digest = image_digest
+        self.address = address
+
+
+class DaemonError(LazyfsError):
+    """The daemon could not mount, start or stop."""
+
+
+class ControlError(LazyfsError):
+    """The control socket could not be reached or sent an invalid response."""

@@ -290,6 +290,11 @@ class Index:
     def inode(self, number: int) -> Inode:
         return Inode._make(INODE.unpack_from(self._inodes, number * INODE.size))
 
+    def inodes(self) -> Iterator[Inode]:
+        """Yield every inode record in inode-number order."""
+        for fields in INODE.iter_unpack(self._inodes):
+            yield Inode._make(fields)
+
     def chunk(self, number: int) -> tuple[bytes, int]:
         """Return (address, uncompressed length) of a chunk table entry."""
         address, length = _CHUNK.unpack_from(self._chunks, number * _CHUNK.size)

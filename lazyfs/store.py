@@ -58,6 +58,11 @@ class Store:
         with self._stats_lock:
             self.requests[what] += 1
 
+    def request_counts(self) -> dict[str, int]:
+        """Return a snapshot of the request counters by operation (get, put, head, list)."""
+        with self._stats_lock:
+            return dict(self.requests)
+
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raise ObjectNotFound or StoreError."""
         raise NotImplementedError

@@ -1,0 +1,269 @@
+"""The ``lazyfs`` command: mount, resolve, status and unmount."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DaemonConfig, load_config
+from .errors import (ConfigError, ControlError, DaemonError, IndexFormatError, IntegrityError,
+                     LazyfsError, RefNotFound, StoreError)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_STORE = 4
+EXIT_NOT_FOUND = 5
+EXIT_DAEMON = 6
+EXIT_INTEGRITY = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_INTERNAL}    internal error (a bug: please report it with the traceback)
+  {EXIT_USAGE}    invalid command line
+  {EXIT_CONFIG}    invalid configuration file, key or value
+  {EXIT_STORE}    the store failed or could not be reached
+  {EXIT_NOT_FOUND}    not found: no such image reference, or no daemon at the control socket
+  {EXIT_DAEMON}    mounting, starting or unmounting failed (also: nothing mounted to unmount)
+  {EXIT_INTEGRITY}    stored data failed verification (index or chunk digest mismatch)
+"""
+
+
+def exit_code_for(error: LazyfsError) -> int:
+    """Return the exit status for a lazyfs error class (listed in EXIT_CODES_HELP)."""
+    if isinstance(error, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(error, (RefNotFound, ControlError)):
+        return EXIT_NOT_FOUND
+    if isinstance(error, StoreError):
+        return EXIT_STORE
+    if isinstance(error, (IntegrityError, IndexFormatError)):
+        return EXIT_INTEGRITY
+    if isinstance(error, DaemonError):
+        return EXIT_DAEMON
+    return EXIT_INTERNAL
+
+
+def _store_url(value: str) -> str:
+    """Accept a store URL, or a local directory path that becomes a file:// URL."""
+    if urllib.parse.urlsplit(value).scheme in ("s3", "file"):
+        return value
+    return Path(value).resolve().as_uri()
+
+
+def _byte_count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of bytes") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative")
+    return number
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazyfs", description="Mount container images lazily from a chunk store.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount", help="mount the image tree and serve it",
+        description="Mount <MOUNTPOINT>/images/<index digest>/ for every image in the store.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(mount)
+    mount.add_argument("--ram-cache-bytes", type=_byte_count, metavar="N",
+                       help="RAM tier size in bytes (0 turns it off)")
+    mount.add_argument("--disk-cache-path", metavar="DIR", help="directory of the disk (LMDB) tier")
+    mount.add_argument("--disk-cache-bytes", type=_byte_count, metavar="N",
+                       help="disk tier size in bytes (0 turns it off)")
+    mount.add_argument("--control-socket", metavar="PATH", help="path of the control socket")
+    mount.add_argument("--log-file", metavar="PATH",
+                       help="log file in background mode (default: lazyfs.log next to the control socket)")
+    mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    mount.add_argument("--allow-other", action="store_true", default=None,
+                       help="let users other than the mounting one access the mount")
+    mode = mount.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", dest="background", action="store_false", default=False,
+                      help="serve in this process until unmounted or SIGTERM (the default)")
+    mode.add_argument("--background", dest="background", action="store_true",
+                      help="start a detached daemon and exit once the mount serves")
+    mount.add_argument("--ready-fd", type=int, metavar="FD",
+                       help="in the foreground, write 'ready' and a newline to this file "
+                            "descriptor once the mount serves")
+    mount.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                       help="where to mount (default: the configured mountpoint)")
+
+    resolve = commands.add_parser(
+        "resolve", help="print the index digest of an image reference",
+        description="Print the index digest of an image name, manifest digest or index digest.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(resolve)
+    resolve.add_argument("reference", metavar="REF",
+                         help="image name (registry/repo:tag), sha256:<manifest digest> or index digest")
+
+    status = commands.add_parser(
+        "status", help="show the daemon's images and cache statistics",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    status.add_argument("--socket", metavar="PATH", help="control socket (default: the configured one)")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
+    unmount = commands.add_parser(
+        "unmount", help="unmount; the daemon serving the mount then exits",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    unmount.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    unmount.add_argument("--lazy", action="store_true",
+                         help="detach now even while files are open (fusermount3 -z)")
+    unmount.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                         help="mount point (default: the configured mountpoint)")
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--store", type=_store_url, metavar="URL",
+                        help="store: s3://BUCKET/PREFIX, file:///DIR or a directory path")
+    parser.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint URL (S3-compatible services)")
+
+
+def _config(arguments: argparse.Namespace, **overrides: Any) -> DaemonConfig:
+    overrides.setdefault("store_url", getattr(arguments, "store", None))
+    overrides.setdefault("s3_endpoint_url", getattr(arguments, "endpoint_url", None))
+    return load_config(arguments.config, overrides)
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).absolute())
+
+
+def _mount(arguments: argparse.Namespace) -> int:
+    from . import daemon
+
+    config = _config(
+        arguments,
+        mountpoint=_absolute(arguments.mountpoint),
+        ram_cache_bytes=arguments.ram_cache_bytes,
+        disk_cache_path=_absolute(arguments.disk_cache_path),
+        disk_cache_bytes=arguments.disk_cache_bytes,
+        control_socket=_absolute(arguments.control_socket),
+        log_file=_absolute(arguments.log_file),
+        log_level=arguments.log_level,
+        allow_other=arguments.allow_other,
+    )
+    if arguments.background:
+        if arguments.ready_fd is not None:
+            raise ConfigError("the command line: --ready-fd works only with --foreground")
+        pid = daemon.start_background(config, arguments.config)
+        print(f"lazyfs daemon {pid} serves {config.mountpoint}")
+        return EXIT_OK
+    daemon.configure_logging(config.log_level)
+    notify_ready = None
+    if arguments.ready_fd is not None:
+        notify_ready = daemon.ReadinessPipe(arguments.ready_fd).ready
+    return daemon.run(config, notify_ready)
+
+
+def _resolve(arguments: argparse.Namespace) -> int:
+    from . import daemon, refs
+
+    config = _config(arguments)
+    store = daemon.open_configured_store(config)
+    try:
+        print(refs.resolve(store, arguments.reference))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _status(arguments: argparse.Namespace) -> int:
+    from .control import ControlClient
+
+    socket_path = arguments.socket or load_config(arguments.config).control_socket
+    status = ControlClient(socket_path).status()
+    if arguments.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def _unmount(arguments: argparse.Namespace) -> int:
+    from . import daemon
+
+    mountpoint = arguments.mountpoint or load_config(arguments.config).mountpoint
+    daemon.unmount(mountpoint, lazy=arguments.lazy)
+    return EXIT_OK
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _hit_rate(counters: dict[str, int]) -> str:
+    total = counters.get("hits", 0) + counters.get("misses", 0)
+    return "-" if total == 0 else f"{100 * counters.get('hits', 0) / total:.1f} %"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Return the status as aligned text for people."""
+    lines = [
+        f"mount point  {status['mountpoint']}",
+        f"store        {status['store_url']}",
+        f"pid          {status['pid']}",
+        f"images       {len(status['images'])}",
+    ]
+    for digest, image in status["images"].items():
+        lines.append(f"  {digest}  {image['inodes']} inodes, {_size(image['size_bytes'])} of files, "
+                     f"{_size(image['bytes_read'])} read, {_size(image['fetched_bytes'])} fetched, "
+                     f"{image['read_errors']} read errors")
+    lines.append("tiers")
+    for name, tier in status["tiers"].items():
+        line = f"  {name:<6} hit rate {_hit_rate(tier):>8}, {_size(tier.get('bytes_served', 0))} served"
+        if "used_bytes" in tier:
+            line += f", {_size(tier['used_bytes'])} of {_size(tier['capacity_bytes'])} used"
+        if "requests" in tier:
+            line += f", {tier['requests']} requests, {_size(tier['bytes'])} received"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+_COMMANDS = {"mount": _mount, "resolve": _resolve, "status": _status, "unmount": _unmount}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``lazyfs`` command and return its exit status."""
+    arguments = _build_parser().parse_args(argv)
+    if arguments.command != "mount":
+        logging.basicConfig(level=logging.WARNING, format="lazyfs: %(levelname)s: %(message)s")
+    try:
+        return _COMMANDS[arguments.command](arguments)
+    except LazyfsError as exc:
+        print(f"lazyfs {arguments.command}: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception:
+        print(f"lazyfs {arguments.command}: internal error:", file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

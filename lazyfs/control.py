@@ -1,0 +1,229 @@
+"""The daemon's control socket: newline-delimited JSON over a Unix stream socket.
+
+A client sends one JSON object per line and reads one JSON object per line, in
+order, on one connection for as many requests as it likes. Requests:
+
+``{"op": "status"}`` returns::
+
+    {
+      "mountpoint": "/run/lazyfs/mnt",
+      "store_url": "s3://bucket/prefix",
+      "pid": 1234,
+      "started_at_ns": 1700000000000000000,
+      "images": {"<index digest>": {"base_inode", "inodes", "size_bytes", "chunks",
+                                    "attached_at_ns", "reads", "bytes_read", "chunk_reads",
+                                    "fetched_chunks", "fetched_bytes", "read_errors"}},
+      "tiers": {"ram":   {"hits", "misses", "bytes_served", "entries", "used_bytes", ...},
+                "disk":  {"hits", "misses", "bytes_served", "corrupt", "evictions", ...},
+                "store": {"requests", "bytes", "hits", "bytes_served", "not_found",
+                          "integrity_errors", "errors", "timeouts", ...}},
+      "indexes": {"index_fetches", "index_cache_hits"},
+      "chain": {"joined", "failed_fast", "fill_errors", "in_flight"},
+      "store_requests": {"get": n, ...}
+    }
+
+with every counter an integer. ``tiers`` has one key per configured tier, so
+"ram" or "disk" is absent when its size is 0. A tier's ``bytes_served`` counts
+whole chunks returned, not the slices of them that reads used. In the store
+tier, ``bytes`` counts the stored (compressed) bytes received. ``store_requests``
+counts every request of the daemon's store client by operation, index fetches
+included, and is empty when the daemon has not contacted the store.
+
+Any other request returns ``{"error": "<message>"}``.
+
+Access: the socket is created with mode 0600 in a directory that is created
+with mode 0700 when it does not exist, so only its owner (normally root) can
+connect.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from .errors import ControlError, DaemonError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 << 10
+DEFAULT_CLIENT_TIMEOUT_S = 10.0
+
+
+class ControlServer:
+    """The control socket server at ``path``; ``status()`` builds each status response."""
+
+    def __init__(self, path: str | Path, status: Callable[[], dict[str, Any]]):
+        self.path = Path(path)
+        self._status = status
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the socket, report started, and serve until cancelled; then remove the socket."""
+        sock = await self._bind()
+        listener = trio.SocketListener(sock)
+        identity = os.stat(self.path)
+        log.info("control socket listening at %s", self.path)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._serve_connection, [listener])
+        finally:
+            self._remove_socket_file(identity)
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def _bind(self) -> trio.socket.SocketType:
+        directory = self.path.parent
+        if not directory.exists():
+            directory.mkdir(parents=True, mode=0o700)
+            os.chmod(directory, 0o700)
+        await self._remove_stale_socket()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask makes the socket 0600 from the moment it exists.
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise DaemonError(f"cannot bind control socket {self.path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        return sock
+
+    async def _remove_stale_socket(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise DaemonError(f"control socket path {self.path} exists and is not a socket; remove it")
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await probe.connect(str(self.path))
+        except OSError:
+            log.info("removing stale control socket %s", self.path)
+            self.path.unlink(missing_ok=True)
+            return
+        finally:
+            probe.close()
+        raise DaemonError(f"another daemon is serving the control socket {self.path}")
+
+    def _remove_socket_file(self, identity: os.stat_result) -> None:
+        # Remove the socket only if it is still ours, not a newer daemon's.
+        try:
+            current = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (current.st_dev, current.st_ino) == (identity.st_dev, identity.st_ino):
+            self.path.unlink(missing_ok=True)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await self._answer_requests(stream)
+        except trio.BrokenResourceError:
+            log.debug("control client disconnected before reading its response")
+        except Exception:
+            log.exception("control connection failed")
+
+    async def _answer_requests(self, stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        while True:
+            data = await stream.receive_some(MAX_REQUEST_BYTES)
+            if not data:
+                return
+            buffer += data
+            while (newline := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:newline])
+                del buffer[:newline + 1]
+                await stream.send_all(_encode(self.respond(line)))
+            if len(buffer) > MAX_REQUEST_BYTES:
+                await stream.send_all(_encode({"error": f"request longer than {MAX_REQUEST_BYTES} bytes"}))
+                return
+
+    def respond(self, line: bytes) -> dict[str, Any]:
+        """Return the response object for one request line."""
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return {"error": f"invalid JSON request: {exc}"}
+        if not isinstance(request, dict):
+            return {"error": "a request must be a JSON object"}
+        op = request.get("op")
+        if op == "status":
+            return self._status()
+        return {"error": f"unknown op {op!r}; supported: status"}
+
+
+def _encode(response: dict[str, Any]) -> bytes:
+    return json.dumps(response, separators=(",", ":")).encode() + b"\n"
+
+
+class ControlClient:
+    """Blocking client of a daemon's control socket, for command-line tools and the runtime."""
+
+    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S):
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+
+    def status(self) -> dict[str, Any]:
+        """Return the daemon's status (see the module docstring); raise ControlError."""
+        return self.request({"op": "status"})
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return its response; raise ControlError on any failure."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout_s)
+            self._connect(sock)
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                line = self._receive_line(sock)
+            except TimeoutError:
+                raise ControlError(
+                    f"the daemon at {self.path} did not respond within {self.timeout_s:g} s") from None
+            except OSError as exc:
+                raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
+        try:
+            response = json.loads(line)
+        except ValueError:
+            raise ControlError(f"the daemon at {self.path} sent invalid JSON: {line[:200]!r}") from None
+        if not isinstance(response, dict):
+            raise ControlError(f"the daemon at {self.path} sent a non-object response")
+        if "error" in response:
+            raise ControlError(f"the daemon at {self.path} rejected {request!r}: {response['error']}")
+        return response
+
+    def _connect(self, sock: socket.socket) -> None:
+        try:
+            sock.connect(str(self.path))
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {self.path}: is the lazyfs daemon running?") from None
+        except ConnectionRefusedError:
+            raise ControlError(
+                f"nothing listens on control socket {self.path}: the daemon has exited") from None
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on control socket {self.path}: run as its owner (root)") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTSOCK:
+                raise ControlError(f"{self.path} is not a socket") from None
+            raise ControlError(f"cannot connect to control socket {self.path}: {exc.strerror}") from None
+
+    def _receive_line(self, sock: socket.socket) -> bytes:
+        buffer = bytearray()
+        while b"\n" not in buffer:
+            data = sock.recv(65536)
+            if not data:
+                raise ControlError(f"the daemon at {self.path} closed the connection without a response")
+            buffer += data
+            if len(buffer) > 64 << 20:
+                raise ControlError(f"the daemon at {self.path} sent a response over 64 MiB")
+        return bytes(buffer[:buffer.index(b"\n")])

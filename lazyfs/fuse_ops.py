@@ -1,0 +1,268 @@
+"""The pyfuse3 adapter over ``lazyfs.tree``.
+
+Every handler is wrapped by ``_translate_errors``, the one place where
+exceptions become errno values, because pyfuse3 lets nothing but FUSEError
+escape a handler (anything else ends its main loop):
+
+- FilesystemError             -> its errno (ENOENT, ENOTDIR, ENODATA, ...)
+- ChunkReadError              -> EIO, logged with the image digest and chunk address
+- StoreError, IndexFormatError, IntegrityError (an index that cannot be loaded)
+                              -> EIO, logged
+- any other Exception         -> EIO, logged with its traceback
+
+Writes of any kind are EROFS. The mount is also read-only in the kernel
+("ro"), so most writes never reach the daemon.
+
+Caching: images never change, so entries and attributes inside an image are
+cached by the kernel for IMAGE_CACHE_TIMEOUT_S, and files open with
+``keep_cache`` so the page cache survives close and reopen. The mount root and
+images/ change when images attach, so they get SHORT_CACHE_TIMEOUT_S. Direct I/O
+stays off: it would bypass the page cache and break shared mmap.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from typing import Sequence
+
+import pyfuse3
+
+from .errors import ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, StoreError
+from .tree import Attributes, Tree
+
+log = logging.getLogger(__name__)
+
+IMAGE_CACHE_TIMEOUT_S = 86400.0
+SHORT_CACHE_TIMEOUT_S = 1.0
+
+# Read errors of one chunk address are logged at ERROR once per interval, repeats at DEBUG.
+ERROR_LOG_INTERVAL_S = 60.0
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+class _ErrorLog:
+    """Rate limit for repeated read errors, keyed by chunk address."""
+
+    def __init__(self) -> None:
+        self._last_logged: dict[bytes, float] = {}
+        self.suppressed = 0
+
+    def should_log(self, address: bytes) -> bool:
+        now = time.monotonic()
+        last = self._last_logged.get(address)
+        if last is not None and now - last < ERROR_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return False
+        if len(self._last_logged) > 4096:
+            self._last_logged.clear()
+        self._last_logged[address] = now
+        return True
+
+
+def _translate_errors(handler):
+    """Turn every exception of a handler into FUSEError; see the module docstring."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: "Operations", *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FilesystemError as exc:
+            log.debug("%s%r: %s", handler.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except ChunkReadError as exc:
+            level = logging.ERROR if self.error_log.should_log(exc.address) else logging.DEBUG
+            log.log(level, "%s of inode %s failed with EIO: image %s, chunk %s: %s",
+                    handler.__name__, args[0] if args else "-", exc.image_digest,
+                    exc.address.hex(), exc.__cause__ or exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (StoreError, IndexFormatError, IntegrityError) as exc:
+            log.error("%s%r failed with EIO: %s", handler.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r; returning EIO", handler.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _read_only(handler):
+    """Replace a mutating handler by one that fails with EROFS."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: "Operations", *args):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """FUSE request handlers over a ``Tree``."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree):
+        super().__init__()
+        self.tree = tree
+        self.error_log = _ErrorLog()
+
+    def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attributes.st_ino
+        entry.generation = 0
+        if self.tree.is_image_inode(attributes.st_ino):
+            entry.entry_timeout = entry.attr_timeout = IMAGE_CACHE_TIMEOUT_S
+        else:
+            entry.entry_timeout = entry.attr_timeout = SHORT_CACHE_TIMEOUT_S
+        entry.st_mode = attributes.st_mode
+        entry.st_nlink = attributes.st_nlink
+        entry.st_uid = attributes.st_uid
+        entry.st_gid = attributes.st_gid
+        entry.st_rdev = attributes.st_rdev
+        entry.st_size = attributes.st_size
+        entry.st_blksize = attributes.st_blksize
+        entry.st_blocks = attributes.st_blocks
+        entry.st_atime_ns = entry.st_ctime_ns = entry.st_mtime_ns = attributes.st_mtime_ns
+        return entry
+
+    # -- reading the namespace ---------------------------------------------
+
+    @_translate_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        inode = await self.tree.lookup(parent_inode, name)
+        return self._entry(self.tree.getattr(inode))
+
+    @_translate_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self.tree.getattr(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inodes live as long as the mount, so lookup counts need no tracking.
+        return None
+
+    @_translate_errors
+    async def opendir(self, inode, ctx):
+        self.tree.check_directory(inode)
+        return inode
+
+    @_translate_errors
+    async def readdir(self, fh, start_id, token):
+        for next_id, name, inode in self.tree.entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(self.tree.getattr(inode)), next_id):
+                return
+
+    @_translate_errors
+    async def releasedir(self, fh):
+        return None
+
+    @_translate_errors
+    async def readlink(self, inode, ctx):
+        return self.tree.readlink(inode)
+
+    @_translate_errors
+    async def getxattr(self, inode, name, ctx):
+        return self.tree.getxattr(inode, name)
+
+    @_translate_errors
+    async def listxattr(self, inode, ctx):
+        return self.tree.listxattr(inode)
+
+    @_translate_errors
+    async def statfs(self, ctx):
+        totals = self.tree.statfs()
+        result = pyfuse3.StatvfsData()
+        result.f_bsize = totals.block_size
+        result.f_frsize = totals.block_size
+        result.f_blocks = totals.blocks
+        result.f_bfree = 0
+        result.f_bavail = 0
+        result.f_files = totals.files
+        result.f_ffree = 0
+        result.f_favail = 0
+        result.f_namemax = totals.name_max
+        return result
+
+    @_translate_errors
+    async def access(self, inode, mode, ctx):
+        # Only called without default_permissions; the daemon always sets it.
+        self.tree.getattr(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    # -- reading files -------------------------------------------------------
+
+    @_translate_errors
+    async def open(self, inode, flags, ctx):
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self.tree.check_regular_file(inode)
+        # The file handle is the inode: an open file needs no state of its own.
+        return pyfuse3.FileInfo(fh=inode, direct_io=False, keep_cache=True)
+
+    @_translate_errors
+    async def read(self, fh, off, size):
+        return await self.tree.read(fh, off, size)
+
+    @_translate_errors
+    async def flush(self, fh):
+        return None
+
+    @_translate_errors
+    async def release(self, fh):
+        return None
+
+    @_translate_errors
+    async def fsync(self, fh, datasync):
+        # Nothing is ever dirty; succeed so that programs syncing read-only files work.
+        return None
+
+    @_translate_errors
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # -- every write is EROFS ----------------------------------------------
+
+    @_read_only
+    async def setattr(self, inode, attr, fields, fh, ctx): ...
+
+    @_read_only
+    async def mknod(self, parent_inode, name, mode, rdev, ctx): ...
+
+    @_read_only
+    async def mkdir(self, parent_inode, name, mode, ctx): ...
+
+    @_read_only
+    async def unlink(self, parent_inode, name, ctx): ...
+
+    @_read_only
+    async def rmdir(self, parent_inode, name, ctx): ...
+
+    @_read_only
+    async def symlink(self, parent_inode, name, target, ctx): ...
+
+    @_read_only
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx): ...
+
+    @_read_only
+    async def link(self, inode, new_parent_inode, new_name, ctx): ...
+
+    @_read_only
+    async def create(self, parent_inode, name, mode, flags, ctx): ...
+
+    @_read_only
+    async def write(self, fh, off, buf): ...
+
+    @_read_only
+    async def setxattr(self, inode, name, value, ctx): ...
+
+    @_read_only
+    async def removexattr(self, inode, name, ctx): ...

@@ -1,0 +1,406 @@
+"""The local disk tier: chunks in one LMDB environment, bounded by bytes.
+
+Key layout, four named databases in the environment at ``path``::
+
+    chunks  address (32 bytes) -> checksum (8 bytes) + uncompressed chunk bytes
+            checksum = XXH3-64, big-endian, of the address followed by the chunk
+    ticks   address -> tick of the entry's last recorded use (u64 big-endian)
+    lru     tick (u64 big-endian) + address -> size of the chunks value (u64 big-endian)
+            LMDB keeps keys sorted, so a cursor walks entries oldest first
+    meta    b"version"    -> FORMAT_VERSION (u64 big-endian)
+            b"used_bytes" -> sum of the sizes of all chunks values (u64 big-endian)
+            b"tick"       -> the last tick handed out (u64 big-endian)
+
+Eviction order approximates least recently used. Every write transaction takes
+the next tick. A read writes nothing: it records the address in memory, and the
+next write transaction (a put, or a flush after TOUCH_BATCH reads) moves those
+entries to its tick. Reads not yet flushed do not count, and entries moved in
+the same transaction leave in address order.
+
+Budget: ``capacity_bytes`` bounds the sum of the chunks values (chunk bytes plus
+8 bytes each). A put that would exceed it first evicts the oldest entries until
+the usage is at most LOW_WATER_FRACTION of the budget, so eviction runs in
+batches and not on every put. LMDB needs more room than the values for its
+B-tree pages and copy-on-write, so the map is larger than the budget
+(``default_map_size``). The map size is fixed, so a full map (MapFullError) can
+still happen when the map is small for the budget. Then a quarter of the bytes
+are evicted and the put is retried. If even that eviction fails, the cache is
+emptied. A put that still fails is dropped and counted, so a reader never
+sees an error from this tier.
+
+Integrity: every read recomputes the checksum. An entry that fails it is
+deleted and counted in ``corrupt``, and the read is a miss, so the chain
+refetches the chunk from a store, which verifies it against its SHA-256 address.
+
+Durability: the environment is opened with ``sync=False, metasync=False``, so
+commits do not wait for fsync. A daemon crash loses nothing, because the
+writes are in the kernel's page cache. A system crash can lose the last
+transactions, and the MDB_NOSYNC documentation of LMDB 0.9 warns that it can
+corrupt the database unless the filesystem preserves write order. So the tier
+writes the kernel's boot id to OPEN_MARKER when it opens and removes the file
+when it closes cleanly. A marker from an earlier boot means the system went
+down while the cache was open, and the cache is emptied at start. So is an
+environment that LMDB cannot open, or one of another FORMAT_VERSION.
+
+Threads: reads run in up to ``read_concurrency`` worker threads at once; writes
+run one at a time, under a trio lock, in a worker thread. Processes: one tier
+owns the directory at a time, through an flock on LOCK_FILE.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import lmdb
+import trio
+import xxhash
+
+from .tiers import Tier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TOUCH_BATCH = 256
+LOW_WATER_FRACTION = 0.9
+MAX_WRITE_ATTEMPTS = 3
+
+CHECKSUM_BYTES = 8
+_U64 = struct.Struct(">Q")
+_META_VERSION = b"version"
+_META_USED = b"used_bytes"
+_META_TICK = b"tick"
+_DATA_FILES = ("data.mdb", "lock.mdb")
+OPEN_MARKER = "open-boot-id"
+LOCK_FILE = "owner.lock"
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+# Marker returned by a read whose entry failed its checksum.
+_CORRUPT = object()
+
+# One step of a write transaction: (transaction, tick, counters) -> None.
+WriteStep = Callable[[lmdb.Transaction, bytes, Counter], None]
+
+
+def default_map_size(capacity_bytes: int) -> int:
+    """Return the LMDB map size for a byte budget: 1.5 times it plus 64 MiB.
+
+    The margin covers B-tree pages and copy-on-write space. It is an estimate;
+    MapFullError handling covers the cases where it is not enough.
+    """
+    return capacity_bytes + capacity_bytes // 2 + (64 << 20)
+
+
+def checksum(address: bytes, data: bytes | memoryview) -> bytes:
+    """Return the 8-byte XXH3-64 checksum that guards one cache entry."""
+    hasher = xxhash.xxh3_64(address)
+    hasher.update(data)
+    return hasher.digest()
+
+
+class LmdbTier(Tier):
+    """Verified chunks on local disk that survive restarts; see the module docstring."""
+
+    def __init__(self, path: str | Path, capacity_bytes: int, *, map_size_bytes: int | None = None,
+                 name: str = "disk", read_concurrency: int = 4):
+        super().__init__()
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, not {capacity_bytes}")
+        self.name = name
+        self.path = Path(path)
+        self.capacity_bytes = capacity_bytes
+        self.map_size_bytes = map_size_bytes or default_map_size(capacity_bytes)
+        self.used_bytes = 0
+        self._read_limiter = trio.CapacityLimiter(read_concurrency)
+        self._write_lock = trio.Lock()
+        self._touches: set[bytes] = set()
+        self._closed = False
+        self._open_checked()
+
+    # -- opening -----------------------------------------------------------
+
+    def _open_checked(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_directory()
+        self._discard_after_system_crash()
+        try:
+            self._open_env()
+            self._check_format()
+        except lmdb.Error as exc:
+            log.warning("disk cache %s cannot be opened (%s); removing it and starting empty",
+                        self.path, exc)
+            self._remove_files()
+            self._open_env()
+            self._check_format()
+        if self.used_bytes > self.capacity_bytes:
+            log.info("disk cache %s uses %d bytes, more than its %d-byte budget; evicting",
+                     self.path, self.used_bytes, self.capacity_bytes)
+            self.counters.update(self._write_sync(self._shrink_to_budget, set()))
+        (self.path / OPEN_MARKER).write_text(_boot_id())
+        log.info("disk cache %s opened: %d bytes in use of %d, map size %d",
+                 self.path, self.used_bytes, self.capacity_bytes, self.map_size_bytes)
+
+    def _lock_directory(self) -> None:
+        # One owner at a time: the open marker and the byte accounting assume it.
+        self._lock_file = open(self.path / LOCK_FILE, "a+b")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise OSError(errno.EBUSY, f"disk cache {self.path} is in use by another process") from None
+
+    def _discard_after_system_crash(self) -> None:
+        marker = self.path / OPEN_MARKER
+        try:
+            opened_in_boot = marker.read_text()
+        except FileNotFoundError:
+            return
+        if opened_in_boot != _boot_id():
+            log.warning("disk cache %s was open when the system went down (boot %s); "
+                        "emptying it, because unsynced LMDB writes may have corrupted it",
+                        self.path, opened_in_boot.strip())
+            self._remove_files()
+
+    def _open_env(self) -> None:
+        self._env = lmdb.open(
+            str(self.path), map_size=self.map_size_bytes, max_dbs=4, subdir=True,
+            sync=False, metasync=False, readahead=False, mode=0o600)
+        self._chunks = self._env.open_db(b"chunks")
+        self._ticks = self._env.open_db(b"ticks")
+        self._lru = self._env.open_db(b"lru")
+        self._meta = self._env.open_db(b"meta")
+
+    def _remove_files(self) -> None:
+        env = getattr(self, "_env", None)
+        if env is not None:
+            env.close()
+            self._env = None
+        for name in _DATA_FILES:
+            (self.path / name).unlink(missing_ok=True)
+
+    def _check_format(self) -> None:
+        with self._env.begin(write=True) as txn:
+            version = txn.get(_META_VERSION, db=self._meta)
+            if version is not None and _U64.unpack(version)[0] != FORMAT_VERSION:
+                log.warning("disk cache %s has format version %d, not %d; emptying it",
+                            self.path, _U64.unpack(version)[0], FORMAT_VERSION)
+                self._drop_all(txn)
+            txn.put(_META_VERSION, _U64.pack(FORMAT_VERSION), db=self._meta)
+            self.used_bytes = self._used(txn)
+
+    # -- reads -------------------------------------------------------------
+
+    async def get(self, address: bytes) -> bytes | None:
+        if self._closed:
+            raise RuntimeError(f"disk cache {self.path} is closed")
+        try:
+            result = await trio.to_thread.run_sync(self._read, address, limiter=self._read_limiter)
+        except lmdb.Error as exc:
+            self.counters["errors"] += 1
+            self.counters["misses"] += 1
+            log.warning("disk cache read of chunk %s failed, treating it as a miss: %s",
+                        address.hex(), exc)
+            return None
+        if result is None:
+            self.counters["misses"] += 1
+            return None
+        if result is _CORRUPT:
+            self.counters["corrupt"] += 1
+            self.counters["misses"] += 1
+            log.warning("disk cache entry for chunk %s failed its XXH3 check; dropping it",
+                        address.hex())
+            await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
+            return None
+        self.counters["hits"] += 1
+        self.counters["bytes_served"] += len(result)
+        self._touches.add(address)
+        if len(self._touches) >= TOUCH_BATCH and not self._write_lock.locked():
+            await self._write(None)
+        return result
+
+    def _read(self, address: bytes):
+        with self._env.begin(db=self._chunks, buffers=True) as txn:
+            value = txn.get(address)
+            if value is None:
+                return None
+            if len(value) < CHECKSUM_BYTES:
+                return _CORRUPT
+            data = value[CHECKSUM_BYTES:]
+            if bytes(value[:CHECKSUM_BYTES]) != checksum(address, data):
+                return _CORRUPT
+            return bytes(data)
+
+    # -- writes ------------------------------------------------------------
+
+    async def put(self, address: bytes, data: bytes) -> None:
+        if self._closed:
+            raise RuntimeError(f"disk cache {self.path} is closed")
+        if CHECKSUM_BYTES + len(data) > self.capacity_bytes:
+            self.counters["rejected"] += 1
+            return
+        await self._write(lambda txn, tick, counts: self._insert(txn, tick, address, data, counts))
+
+    async def _write(self, step: WriteStep | None) -> None:
+        async with self._write_lock:
+            touches, self._touches = self._touches, set()
+            counts = await trio.to_thread.run_sync(self._write_sync, step, touches)
+        self.counters.update(counts)
+
+    def _write_sync(self, step: WriteStep | None, touches: set[bytes]) -> Counter:
+        """Run one write transaction: record reads, then ``step``; recover from a full map."""
+        counts: Counter[str] = Counter()
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
+            attempt_counts: Counter[str] = Counter()
+            try:
+                with self._env.begin(write=True) as txn:
+                    tick = self._next_tick(txn)
+                    self._apply_touches(txn, tick, touches)
+                    if step is not None:
+                        step(txn, tick, attempt_counts)
+                    used = self._used(txn)
+            except lmdb.MapFullError:
+                counts["map_full"] += 1
+                self._free_map_space(counts)
+                continue
+            counts.update(attempt_counts)
+            self.used_bytes = used
+            return counts
+        counts["put_failures"] += 1
+        log.warning("disk cache %s: a write failed %d times with a full map; dropping it",
+                    self.path, MAX_WRITE_ATTEMPTS)
+        return counts
+
+    def _insert(self, txn: lmdb.Transaction, tick: bytes, address: bytes, data: bytes,
+                counts: Counter) -> None:
+        if txn.get(address, db=self._ticks) is not None:
+            return
+        value = checksum(address, data) + data
+        used = self._used(txn)
+        if used + len(value) > self.capacity_bytes:
+            target = max(0, int(self.capacity_bytes * LOW_WATER_FRACTION) - len(value))
+            used -= self._evict(txn, used - target, counts)
+        txn.put(address, value, db=self._chunks)
+        txn.put(tick + address, _U64.pack(len(value)), db=self._lru)
+        txn.put(address, tick, db=self._ticks)
+        self._set_used(txn, used + len(value))
+        counts["puts"] += 1
+
+    def _delete(self, txn: lmdb.Transaction, address: bytes, counts: Counter) -> None:
+        tick = txn.pop(address, db=self._ticks)
+        txn.delete(address, db=self._chunks)
+        if tick is None:
+            return
+        size = txn.pop(tick + address, db=self._lru)
+        if size is not None:
+            self._set_used(txn, self._used(txn) - _U64.unpack(size)[0])
+        counts["deleted"] += 1
+
+    def _evict(self, txn: lmdb.Transaction, bytes_to_free: int, counts: Counter) -> int:
+        """Delete the oldest entries until ``bytes_to_free`` bytes are free; return the bytes freed."""
+        freed = 0
+        cursor = txn.cursor(db=self._lru)
+        if not cursor.first():
+            return 0
+        while freed < bytes_to_free:
+            key = cursor.key()
+            if not key:
+                break
+            address = key[8:]
+            freed += _U64.unpack(cursor.value())[0]
+            txn.delete(address, db=self._chunks)
+            txn.delete(address, db=self._ticks)
+            cursor.delete()
+            counts["evictions"] += 1
+        self._set_used(txn, self._used(txn) - freed)
+        return freed
+
+    def _shrink_to_budget(self, txn: lmdb.Transaction, tick: bytes, counts: Counter) -> None:
+        used = self._used(txn)
+        target = int(self.capacity_bytes * LOW_WATER_FRACTION)
+        if used > self.capacity_bytes:
+            self._evict(txn, used - target, counts)
+
+    def _apply_touches(self, txn: lmdb.Transaction, tick: bytes, touches: set[bytes]) -> None:
+        for address in sorted(touches):
+            old_tick = txn.get(address, db=self._ticks)
+            if old_tick is None or old_tick == tick:
+                continue
+            size = txn.pop(old_tick + address, db=self._lru)
+            if size is None:
+                continue
+            txn.put(tick + address, size, db=self._lru)
+            txn.put(address, tick, db=self._ticks)
+
+    def _free_map_space(self, counts: Counter) -> None:
+        """Make room after MapFullError: evict a quarter of the bytes, or empty the cache."""
+        try:
+            with self._env.begin(write=True) as txn:
+                self._evict(txn, max(1, self._used(txn) // 4), counts)
+                self.used_bytes = self._used(txn)
+        except lmdb.MapFullError:
+            log.warning("disk cache %s: the map is too full to evict; dropping every entry",
+                        self.path)
+            with self._env.begin(write=True) as txn:
+                self._drop_all(txn)
+            self.used_bytes = 0
+            counts["resets"] += 1
+
+    def _drop_all(self, txn: lmdb.Transaction) -> None:
+        for db in (self._chunks, self._ticks, self._lru):
+            txn.drop(db, delete=False)
+        self._set_used(txn, 0)
+
+    def _next_tick(self, txn: lmdb.Transaction) -> bytes:
+        raw = txn.get(_META_TICK, db=self._meta)
+        tick = _U64.pack((_U64.unpack(raw)[0] if raw else 0) + 1)
+        txn.put(_META_TICK, tick, db=self._meta)
+        return tick
+
+    def _used(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_META_USED, db=self._meta)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def _set_used(self, txn: lmdb.Transaction, used: int) -> None:
+        txn.put(_META_USED, _U64.pack(used), db=self._meta)
+
+    # -- state -------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        result = {"hits": 0, "misses": 0, "bytes_served": 0, "puts": 0, "evictions": 0,
+                  "corrupt": 0, "map_full": 0, "put_failures": 0}
+        result.update(self.counters)
+        entries = 0
+        if not self._closed:
+            with self._env.begin() as txn:
+                entries = txn.stat(self._chunks)["entries"]
+        result.update(entries=entries, used_bytes=self.used_bytes,
+                      capacity_bytes=self.capacity_bytes, map_size_bytes=self.map_size_bytes)
+        return result
+
+    async def aclose(self) -> None:
+        """Record pending reads, sync the environment to disk and close it."""
+        if self._closed:
+            return
+        if self._touches:
+            await self._write(None)
+        async with self._write_lock:
+            self._closed = True
+            await trio.to_thread.run_sync(self._sync_and_close)
+
+    def _sync_and_close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+        (self.path / OPEN_MARKER).unlink(missing_ok=True)
+        self._lock_file.close()
+        log.info("disk cache %s closed", self.path)
+
+
+def _boot_id() -> str:
+    """Return the kernel's random id of the current boot."""
+    with open(_BOOT_ID_PATH) as boot_id:
+        return boot_id.read()

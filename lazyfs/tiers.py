@@ -1,0 +1,260 @@
+"""Cache tiers behind one interface, and the chain that queries them in order.
+
+A tier maps a chunk address (the 32-byte SHA-256 of the uncompressed chunk) to
+the chunk's uncompressed bytes::
+
+    await tier.get(address) -> bytes | None   None is a miss
+    await tier.put(address, data)             data has already been verified
+    tier.stats() -> dict[str, int]            counters for the control socket
+    await tier.aclose()                       flush and release resources
+
+The tiers are ``RamTier`` (here), ``LmdbTier`` (``lazyfs.lmdb_tier``) and
+``StoreTier`` (``lazyfs.store_tier``). Only a store tier receives bytes from
+outside the process, and it verifies them against their address before it
+returns them, so no tier is ever handed unverified bytes.
+
+``TierChain`` queries its tiers nearest first. When tier k has the chunk, the chain
+puts it into tiers 0..k-1 before returning, so the next read is served nearer.
+A nearer store is filled from a farther one the same way. Concurrency rules,
+all within one trio run:
+
+- At most one fetch of an address runs at a time. Readers that arrive while it
+  runs wait for it and share its result or its error. If the fetching task is
+  cancelled, one of the waiters starts a new fetch.
+- The fills happen before the waiters wake up, so a reader that arrives after a
+  fetch finds the chunk in the nearest tier, unless that tier declined or
+  already evicted it, and starts no second fetch.
+- A definite failure (bytes that do not match their address, or a chunk the
+  last store does not have) is remembered for ``failure_ttl_s`` seconds, and
+  reads of that address fail at once instead of refetching. Temporary failures
+  (timeouts, unreachable stores) are not remembered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from typing import NamedTuple
+
+import trio
+
+from .errors import IntegrityError, ObjectNotFound
+from .refs import chunk_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FAILURE_TTL_S = 10.0
+
+# Expired entries of the failure memory are swept once it contains this many.
+_FAILURE_SWEEP_ENTRIES = 4096
+
+
+class Tier:
+    """Interface of one cache level; see the module docstring."""
+
+    name: str = "tier"
+    # True for tiers whose bytes come from outside this machine (stores).
+    remote: bool = False
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+
+    async def get(self, address: bytes) -> bytes | None:
+        """Return the chunk's uncompressed bytes, or None on a miss."""
+        raise NotImplementedError
+
+    async def put(self, address: bytes, data: bytes) -> None:
+        """Store verified chunk bytes; a tier may decline to keep them."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        """Return a snapshot of this tier's counters and gauges."""
+        return dict(self.counters)
+
+    async def aclose(self) -> None:
+        """Flush pending state and release resources."""
+
+
+class RamTier(Tier):
+    """Uncompressed chunks in process memory, bounded by bytes, least recently used out first."""
+
+    def __init__(self, capacity_bytes: int, name: str = "ram"):
+        super().__init__()
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, not {capacity_bytes}")
+        self.name = name
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+
+    async def get(self, address: bytes) -> bytes | None:
+        data = self._entries.get(address)
+        if data is None:
+            self.counters["misses"] += 1
+            return None
+        self._entries.move_to_end(address)
+        self.counters["hits"] += 1
+        self.counters["bytes_served"] += len(data)
+        return data
+
+    async def put(self, address: bytes, data: bytes) -> None:
+        size = len(data)
+        if size > self.capacity_bytes:
+            self.counters["rejected"] += 1
+            return
+        if address in self._entries:
+            self._entries.move_to_end(address)
+            return
+        while self.used_bytes + size > self.capacity_bytes:
+            _evicted, old = self._entries.popitem(last=False)
+            self.used_bytes -= len(old)
+            self.counters["evictions"] += 1
+        self._entries[address] = data
+        self.used_bytes += size
+        self.counters["puts"] += 1
+
+    def stats(self) -> dict[str, int]:
+        result = {"hits": 0, "misses": 0, "bytes_served": 0, "puts": 0, "evictions": 0}
+        result.update(self.counters)
+        result.update(entries=len(self._entries), used_bytes=self.used_bytes,
+                      capacity_bytes=self.capacity_bytes)
+        return result
+
+
+class ChunkFetch(NamedTuple):
+    """A chunk returned by ``TierChain.fetch`` and where it came from."""
+
+    data: bytes
+    # Name of the tier that had the chunk.
+    source: str
+    # Whether that tier is remote (a store), so the bytes crossed the network.
+    remote: bool
+    # True when this reader waited for another reader's fetch instead of fetching.
+    joined: bool
+
+
+class _Flight:
+    """One fetch of one address in progress; waiters block on ``done``."""
+
+    __slots__ = ("done", "result", "error", "abandoned")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: ChunkFetch | None = None
+        self.error: Exception | None = None
+        self.abandoned = False
+
+
+class TierChain:
+    """Tiers asked nearest first, with single-flight fetches and fills on a miss."""
+
+    def __init__(self, tiers: list[Tier], failure_ttl_s: float = DEFAULT_FAILURE_TTL_S):
+        if not tiers:
+            raise ValueError("a tier chain needs at least one tier")
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique: {names}")
+        self.tiers = list(tiers)
+        self.failure_ttl_s = failure_ttl_s
+        self.counters: Counter[str] = Counter()
+        self._flights: dict[bytes, _Flight] = {}
+        self._failures: dict[bytes, tuple[float, Exception]] = {}
+
+    async def get(self, address: bytes) -> bytes:
+        """Return the chunk's verified bytes; raise StoreError or IntegrityError."""
+        return (await self.fetch(address)).data
+
+    async def fetch(self, address: bytes) -> ChunkFetch:
+        """Return the chunk with the name of the tier that had it.
+
+        Raises ObjectNotFound when no tier has the chunk, IntegrityError when a
+        store returned wrong bytes, and StoreError when a store failed.
+        """
+        self._raise_if_failed_recently(address)
+        while True:
+            flight = self._flights.get(address)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.abandoned:
+                continue
+            if flight.error is not None:
+                raise flight.error
+            self.counters["joined"] += 1
+            return flight.result._replace(joined=True)
+        return await self._lead_flight(address)
+
+    async def _lead_flight(self, address: bytes) -> ChunkFetch:
+        flight = _Flight()
+        self._flights[address] = flight
+        try:
+            flight.result = await self._fetch_through_tiers(address)
+            return flight.result
+        except Exception as exc:
+            flight.error = exc
+            if isinstance(exc, (IntegrityError, ObjectNotFound)):
+                self._remember_failure(address, exc)
+            raise
+        except BaseException:
+            # Cancelled: the waiters did not fail, so one of them fetches again.
+            flight.abandoned = True
+            raise
+        finally:
+            del self._flights[address]
+            flight.done.set()
+
+    async def _fetch_through_tiers(self, address: bytes) -> ChunkFetch:
+        for position, tier in enumerate(self.tiers):
+            data = await tier.get(address)
+            if data is None:
+                continue
+            # NOTE: the reader waits for every fill, the disk tier's write
+            # transaction included; moving slow fills off the read path is open.
+            for nearer in self.tiers[:position]:
+                await self._fill(nearer, address, data)
+            return ChunkFetch(data, tier.name, tier.remote, False)
+        raise ObjectNotFound(chunk_key(address))
+
+    async def _fill(self, tier: Tier, address: bytes, data: bytes) -> None:
+        # A cache that cannot keep a chunk costs a later refetch, never this read.
+        try:
+            await tier.put(address, data)
+        except Exception:
+            self.counters["fill_errors"] += 1
+            log.warning("filling tier %s with chunk %s failed", tier.name, address.hex(),
+                        exc_info=True)
+
+    def _raise_if_failed_recently(self, address: bytes) -> None:
+        failure = self._failures.get(address)
+        if failure is None:
+            return
+        expires_at, error = failure
+        if trio.current_time() < expires_at:
+            self.counters["failed_fast"] += 1
+            raise error
+        del self._failures[address]
+
+    def _remember_failure(self, address: bytes, error: Exception) -> None:
+        now = trio.current_time()
+        if len(self._failures) >= _FAILURE_SWEEP_ENTRIES:
+            self._failures = {key: value for key, value in self._failures.items() if value[0] > now}
+        self._failures[address] = (now + self.failure_ttl_s, error)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Return every tier's counters, keyed by tier name."""
+        return {tier.name: tier.stats() for tier in self.tiers}
+
+    def chain_stats(self) -> dict[str, int]:
+        """Return the chain's own counters: joined flights, fast failures, failed fills."""
+        result = {"joined": 0, "failed_fast": 0, "fill_errors": 0}
+        result.update(self.counters)
+        result["in_flight"] = len(self._flights)
+        return result
+
+    async def aclose(self) -> None:
+        """Close every tier, nearest first; an error in one does not skip the others."""
+        for tier in self.tiers:
+            try:
+                await tier.aclose()
+            except Exception:
+                log.exception("closing tier %s failed", tier.name)
