@@ -29,7 +29,14 @@ tier, ``bytes`` counts the stored (compressed) bytes received. ``store_requests`
 counts every request of the daemon's store client by operation, index fetches
 included, and is empty when the daemon has not contacted the store.
 
-Any other request returns ``{"error": "<message>"}``.
+``{"op": "resolve", "reference": REF}`` returns ``{"index": "<hex>"}`` for an
+image name, a manifest digest (``sha256:...``) or an index digest.
+
+``{"op": "image", "index": "<hex>"}`` attaches the image if needed and returns
+``{"index", "config", "source", "files", "size_bytes"}``, where ``config`` is
+the image config the runtime needs (Entrypoint, Cmd, Env, WorkingDir, User).
+
+Any other request, and any request that fails, returns ``{"error": "<message>"}``.
 
 Access: the socket is created with mode 0600 in a directory that is created
 with mode 0700 when it does not exist, so only its owner (normally root) can
@@ -45,11 +52,11 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
-from .errors import ControlError, DaemonError
+from .errors import ControlError, DaemonError, LazyfsError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +64,22 @@ MAX_REQUEST_BYTES = 64 << 10
 DEFAULT_CLIENT_TIMEOUT_S = 10.0
 
 
-class ControlServer:
-    """The control socket server at ``path``; ``status()`` builds each status response."""
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
-    def __init__(self, path: str | Path, status: Callable[[], dict[str, Any]]):
+
+class ControlServer:
+    """The control socket server at ``path``.
+
+    ``status()`` builds each status response; ``handlers`` maps every other op
+    to an async function of the request. A handler's LazyfsError becomes the
+    error response.
+    """
+
+    def __init__(self, path: str | Path, status: Callable[[], dict[str, Any]],
+                 handlers: dict[str, Handler] | None = None):
         self.path = Path(path)
         self._status = status
+        self._handlers = dict(handlers or {})
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, report started, and serve until cancelled; then remove the socket."""
@@ -144,12 +161,12 @@ class ControlServer:
             while (newline := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:newline])
                 del buffer[:newline + 1]
-                await stream.send_all(_encode(self.respond(line)))
+                await stream.send_all(_encode(await self.respond(line)))
             if len(buffer) > MAX_REQUEST_BYTES:
                 await stream.send_all(_encode({"error": f"request longer than {MAX_REQUEST_BYTES} bytes"}))
                 return
 
-    def respond(self, line: bytes) -> dict[str, Any]:
+    async def respond(self, line: bytes) -> dict[str, Any]:
         """Return the response object for one request line."""
         try:
             request = json.loads(line)
@@ -160,7 +177,14 @@ class ControlServer:
         op = request.get("op")
         if op == "status":
             return self._status()
-        return {"error": f"unknown op {op!r}; supported: status"}
+        handler = self._handlers.get(op)
+        if handler is None:
+            supported = ", ".join(["status", *sorted(self._handlers)])
+            return {"error": f"unknown op {op!r}; supported: {supported}"}
+        try:
+            return await handler(request)
+        except LazyfsError as exc:
+            return {"error": str(exc)}
 
 
 def _encode(response: dict[str, Any]) -> bytes:
@@ -177,6 +201,14 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         """Return the daemon's status (see the module docstring); raise ControlError."""
         return self.request({"op": "status"})
+
+    def resolve(self, reference: str) -> str:
+        """Return the index digest of an image name, manifest digest or index digest."""
+        return self.request({"op": "resolve", "reference": reference})["index"]
+
+    def image(self, index_digest: str) -> dict[str, Any]:
+        """Attach an image and return its config, source digests, file count and size."""
+        return self.request({"op": "image", "index": index_digest})
 
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return its response; raise ControlError on any failure."""

@@ -39,6 +39,7 @@ import lmdb
 import pyfuse3
 import trio
 
+from . import refs
 from .config import DaemonConfig, from_dict, to_dict
 from .control import ControlClient, ControlServer
 from .errors import ControlError, DaemonError, LazyfsError
@@ -233,6 +234,28 @@ def status_reporter(config: DaemonConfig, store: Store, tree: Tree, chain: TierC
     return status
 
 
+def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
+    """Return the control socket's ``resolve`` and ``image`` request handlers."""
+
+    async def resolve(request: dict[str, Any]) -> dict[str, Any]:
+        reference = request.get("reference")
+        if not isinstance(reference, str) or not reference:
+            raise LazyfsError("resolve needs a non-empty string 'reference'")
+        digest = await trio.to_thread.run_sync(refs.resolve, store, reference)
+        return {"index": digest}
+
+    async def image(request: dict[str, Any]) -> dict[str, Any]:
+        digest = request.get("index")
+        if not isinstance(digest, str) or not refs.is_index_digest(digest):
+            raise LazyfsError(f"image needs 'index', a 64-digit hex index digest, not {digest!r}")
+        attached = await tree.attach(digest)
+        config = attached.index.config
+        return {"index": digest, "config": config.get("config", {}), "source": config.get("source", {}),
+                "files": attached.file_count, "size_bytes": attached.size_bytes}
+
+    return {"resolve": resolve, "image": image}
+
+
 # ---------------------------------------------------------------------------
 # Running
 
@@ -286,7 +309,7 @@ async def _main(config: DaemonConfig, notify_ready: Callable[[], None] | None) -
 async def _serve(config: DaemonConfig, store: Store, tree: Tree, chain: TierChain,
                  notify_ready: Callable[[], None] | None) -> None:
     status = status_reporter(config, store, tree, chain, time.time_ns())
-    control = ControlServer(config.control_socket, status)
+    control = ControlServer(config.control_socket, status, image_handlers(store, tree))
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve)
         await nursery.start(_watch_signals, nursery.cancel_scope)

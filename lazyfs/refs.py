@@ -22,6 +22,10 @@ from .store import Store
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def is_index_digest(value: str) -> bool:
+    return bool(_HEX64.match(value))
+
+
 def index_key(digest: str) -> str:
     return f"indexes/{digest}"
 

@@ -37,6 +37,7 @@ import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -102,6 +103,11 @@ class Image:
     size_bytes: int
     attached_at_ns: int
     counters: Counter = field(default_factory=Counter)
+
+    @cached_property
+    def file_count(self) -> int:
+        """Number of regular-file inodes (a hardlinked file counts once)."""
+        return sum(1 for record in self.index.inodes() if stat.S_ISREG(record.mode))
 
     @property
     def end(self) -> int:

@@ -8,6 +8,8 @@ whatever the outcome.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -26,6 +28,10 @@ from .runtime_spec import merge_env, runtime_spec
 
 log = logging.getLogger(__name__)
 
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
 
 @dataclass
 class ContainerRequest:
@@ -35,7 +41,6 @@ class ContainerRequest:
     env: list[str] = field(default_factory=list)
     workdir: str | None = None
     user: str | None = None
-    terminal: bool = False
 
 
 def command_args(request: ContainerRequest) -> list[str]:
@@ -50,36 +55,106 @@ def command_args(request: ContainerRequest) -> list[str]:
 
 
 class Runc:
-    """The runc binary with a lazyfs-owned state root, so our containers stay apart."""
+    """The runc binary with a lazyfs-owned state root, so our containers stay apart.
+
+    A container runs as ``runc create`` then ``runc start``, with this process
+    as the child subreaper that waits for the container's init process. That
+    tells a failure to set up the container (an error) apart from the
+    command's own exit code, which ``runc run`` would mix up.
+    """
 
     def __init__(self, binary: str = "runc", root: Path = Path("/run/lazyfs/runc")):
         self.binary = binary
         self.root = root
 
-    def _base(self) -> list[str]:
-        return [self.binary, "--root", str(self.root)]
+    def _command(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *args]
+
+    def _check(self, action: str, *args: str) -> None:
+        try:
+            result = subprocess.run(self._command(*args), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            raise LazyfsError(f"runc not found ({self.binary}): install the runc package") from None
+        if result.returncode != 0:
+            raise LazyfsError(f"runc {action} failed (exit code {result.returncode}): "
+                              f"{result.stderr.strip() or 'no message'}")
 
     def run(self, bundle: Path, container_id: str) -> int:
-        """Run the container in the foreground with our stdio; return its exit code."""
+        """Run the container with this process's stdio; return the command's exit code.
+
+        The exit code is 128 + N when the command was killed by signal N.
+        SIGINT, SIGTERM and SIGHUP received meanwhile are forwarded to it.
+        """
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # runc forwards SIGINT and SIGTERM to the container; this process waits
-        # for runc so that cleanup always runs.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        set_child_subreaper()
+        pid_file = bundle / "init.pid"
+        log_file = bundle / "runc.log"
+        # The container inherits this process's stdio from "runc create", so
+        # runc's own messages go to a log file instead of a pipe that the
+        # container would hold open.
         try:
-            try:
-                process = subprocess.Popen(self._base() + ["run", "--bundle", str(bundle), container_id])
-            except FileNotFoundError:
-                raise LazyfsError(f"runc not found ({self.binary}): install the runc package") from None
-            return process.wait()
+            process = subprocess.run([self.binary, "--root", str(self.root), "--log", str(log_file),
+                                      "create", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                                      container_id])
+        except FileNotFoundError:
+            raise LazyfsError(f"runc not found ({self.binary}): install the runc package") from None
+        if process.returncode != 0:
+            raise LazyfsError(f"runc create failed (exit code {process.returncode}): {_runc_error(log_file)}")
+        pid = int(pid_file.read_text())
+        previous = {sig: signal.signal(sig, lambda number, _frame: _forward(pid, number))
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self._check("start", "start", container_id)
+            return _wait_exit_code(pid)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def delete(self, container_id: str) -> None:
-        result = subprocess.run(self._base() + ["delete", "--force", container_id],
+        result = subprocess.run(self._command("delete", "--force", container_id),
                                 capture_output=True, text=True)
         if result.returncode != 0 and "does not exist" not in result.stderr:
             log.warning("runc delete %s failed: %s", container_id, result.stderr.strip())
+
+
+def _runc_error(log_file: Path) -> str:
+    """Return the last error runc logged, or a pointer to the log."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return "runc wrote no log"
+    for line in reversed(lines):
+        if "level=error" in line:
+            message = line.partition("msg=")[2]
+            return message.strip().strip('"') or line
+    return lines[-1] if lines else "runc logged nothing"
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants (the container's init) children of this process."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise LazyfsError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _forward(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_exit_code(pid: int) -> int:
+    """Reap children until ``pid`` exits; return its exit code (128 + signal if killed)."""
+    while True:
+        try:
+            reaped, status = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            raise LazyfsError(f"container process {pid} is not a child of lazyfs-run") from None
+        if reaped == pid:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 def run_container(request: ContainerRequest, state_dir: Path, runc: Runc | None = None) -> int:
@@ -99,7 +174,6 @@ def run_container(request: ContainerRequest, state_dir: Path, runc: Runc | None 
                 cwd=request.workdir or config.get("WorkingDir") or "/",
                 user=user,
                 hostname=container_id,
-                terminal=request.terminal,
             )
             (state / "config.json").write_text(json.dumps(spec, indent=1))
             log.debug("starting container %s over %s", container_id, request.image_dir)

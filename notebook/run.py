@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from lazyfs.config import load_config
 from lazyfs.control import ControlClient
 from lazyfs.daemon import start_background
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import ControlError, LazyfsError
 
 from .container import ContainerRequest, Runc, run_container
 
@@ -53,7 +54,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="set an environment variable (repeatable)")
     parser.add_argument("-w", "--workdir", help="working directory inside the container")
     parser.add_argument("-u", "--user", help="user[:group] inside the container (default: the image's)")
-    parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     parser.add_argument("--stats", action="store_true",
                         help="print timings and bytes fetched per tier to stderr after the run")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
@@ -76,15 +76,19 @@ def connect_daemon(config, config_path: Path | None) -> tuple[ControlClient, dic
     client = ControlClient(config.control_socket)
     try:
         return client, client.status()
-    except OSError:
+    except ControlError:
         log.info("no lazyfs daemon answers on %s; starting one", config.control_socket)
     start_background(config, config_path)
     return client, client.status()
 
 
+# Counters that only grow; sizes such as used_bytes are gauges and not diffed.
+_TIER_COUNTERS = ("hits", "misses", "bytes_served", "requests", "bytes", "errors")
+
+
 def tier_counters(status: dict) -> dict[str, dict[str, int]]:
-    """Return {tier: {"bytes": n, "hits": n, ...}} from a daemon status."""
-    return {name: {key: value for key, value in tier.items() if isinstance(value, int)}
+    """Return {tier: {"hits": n, "bytes_served": n, ...}} from a daemon status."""
+    return {name: {key: tier[key] for key in _TIER_COUNTERS if key in tier}
             for name, tier in status.get("tiers", {}).items()}
 
 
@@ -104,7 +108,7 @@ def _format_bytes(count: int) -> str:
 def _print_stats(stats: dict) -> None:
     image = stats["image"]
     lines = [f"lazyfs-run: image {image['index']}: {image['files']} files, "
-             f"{_format_bytes(image['bytes'])} of file data"]
+             f"{_format_bytes(image['size_bytes'])} of file data"]
     for name, counters in stats["fetched"].items():
         parts = ", ".join(f"{key} {(_format_bytes(v) if 'bytes' in key else v)}" for key, v in sorted(counters.items()))
         lines.append(f"lazyfs-run:   {name}: {parts}")
@@ -113,8 +117,14 @@ def _print_stats(stats: dict) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def _exit_on_sigterm(number, _frame) -> None:
+    # SystemExit unwinds through the cleanup of the overlay and the container.
+    raise SystemExit(128 + number)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(levelname)s: %(message)s")
     started = time.monotonic()
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         before = tier_counters(client.status())
         request = ContainerRequest(
             image_dir=image_dir, image_config=image["config"], args=args.command,
-            env=args.env, workdir=args.workdir, user=args.user, terminal=args.tty)
+            env=args.env, workdir=args.workdir, user=args.user)
         prepared = time.monotonic()
         exit_code = run_container(request, args.state_dir, Runc())
         finished = time.monotonic()
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETUP_FAILED
 
     stats = {
-        "image": {"index": index_digest, "files": image.get("files"), "bytes": image.get("bytes")},
+        "image": {"index": index_digest, "files": image.get("files"), "size_bytes": image.get("size_bytes")},
         "exit_code": exit_code,
         "fetched": fetched,
         "seconds": {"daemon": connected - started, "resolve": prepared - connected,

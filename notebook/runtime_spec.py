@@ -7,6 +7,7 @@ interfaces and a read-only /sys. Devices come from runc's default allow list.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 from .imageuser import ProcessUser
@@ -61,6 +62,8 @@ def merge_env(image_env: list[str], overrides: list[str], user: ProcessUser) -> 
 def runtime_spec(rootfs: Path, args: list[str], env: list[str], cwd: str, user: ProcessUser,
                  hostname: str, terminal: bool = False) -> dict:
     """Return a runc config for running ``args`` in ``rootfs``."""
+    # As many open files as this host allows, up to Docker's default of 1048576.
+    nofile = min(1048576, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     # The bounding set stays for every user so setuid programs in the image work.
     effective = DEFAULT_CAPABILITIES if user.uid == 0 else []
     return {
@@ -74,7 +77,7 @@ def runtime_spec(rootfs: Path, args: list[str], env: list[str], cwd: str, user: 
             "cwd": cwd or "/",
             "capabilities": {"bounding": list(DEFAULT_CAPABILITIES),
                              "effective": list(effective), "permitted": list(effective)},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": False,
         },
         "root": {"path": str(rootfs), "readonly": False},
