@@ -241,6 +241,10 @@ def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
         reference = request.get("reference")
         if not isinstance(reference, str) or not reference:
             raise LazyfsError("resolve needs a non-empty string 'reference'")
+        if refs.is_index_digest(reference):
+            # An index digest names immutable content; attaching it checks that it
+            # exists, from the local index cache when the store is unreachable.
+            return {"index": reference}
         digest = await trio.to_thread.run_sync(refs.resolve, store, reference)
         return {"index": digest}
 

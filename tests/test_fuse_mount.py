@@ -420,7 +420,7 @@ def test_control_unknown_op(daemon: DaemonProcess):
         first = json.loads(reader.readline())
         second = json.loads(reader.readline())
 
-    assert first == {"error": "unknown op 'reboot'; supported: status"}
+    assert first == {"error": "unknown op 'reboot'; supported: status, image, resolve"}
     assert second["error"].startswith("invalid JSON request")
 
 
