@@ -1,7 +1,7 @@
 """``lazyfs-run IMAGE [-- CMD ARGS...]``: run a command in a container over a lazy image.
 
 Steps: find the node's lazyfs daemon through its control socket (start it in
-the background when none answers), resolve IMAGE to its index digest, mount an
+the background when none responds), resolve IMAGE to its index digest, mount an
 overlayfs with ``<mountpoint>/images/<digest>`` as the lower layer, run the
 command with runc using the image's Env, WorkingDir and User, then remove the
 container and its upper directory. The exit code is the command's.
@@ -77,7 +77,7 @@ def connect_daemon(config, config_path: Path | None) -> tuple[ControlClient, dic
     try:
         return client, client.status()
     except ControlError:
-        log.info("no lazyfs daemon answers on %s; starting one", config.control_socket)
+        log.info("no lazyfs daemon responds on %s; starting one", config.control_socket)
     start_background(config, config_path)
     return client, client.status()
 
