@@ -188,7 +188,7 @@ def _resolve(arguments: argparse.Namespace) -> int:
 
 
 def _status(arguments: argparse.Namespace) -> int:
-    from .control import ControlClient
+    from .control_client import ControlClient
 
     socket_path = arguments.socket or load_config(arguments.config).control_socket
     status = ControlClient(socket_path).status()

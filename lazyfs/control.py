@@ -56,12 +56,12 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from .control_client import ControlClient  # noqa: F401 - re-exported for callers
 from .errors import ControlError, DaemonError, LazyfsError
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 << 10
-DEFAULT_CLIENT_TIMEOUT_S = 10.0
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -189,73 +189,3 @@ class ControlServer:
 
 def _encode(response: dict[str, Any]) -> bytes:
     return json.dumps(response, separators=(",", ":")).encode() + b"\n"
-
-
-class ControlClient:
-    """Blocking client of a daemon's control socket, for command-line tools and the runtime."""
-
-    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S):
-        self.path = Path(path)
-        self.timeout_s = timeout_s
-
-    def status(self) -> dict[str, Any]:
-        """Return the daemon's status (see the module docstring); raise ControlError."""
-        return self.request({"op": "status"})
-
-    def resolve(self, reference: str) -> str:
-        """Return the index digest of an image name, manifest digest or index digest."""
-        return self.request({"op": "resolve", "reference": reference})["index"]
-
-    def image(self, index_digest: str) -> dict[str, Any]:
-        """Attach an image and return its config, source digests, file count and size."""
-        return self.request({"op": "image", "index": index_digest})
-
-    def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its response; raise ControlError on any failure."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout_s)
-            self._connect(sock)
-            try:
-                sock.sendall(json.dumps(request).encode() + b"\n")
-                line = self._receive_line(sock)
-            except TimeoutError:
-                raise ControlError(
-                    f"the daemon at {self.path} did not respond within {self.timeout_s:g} s") from None
-            except OSError as exc:
-                raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
-        try:
-            response = json.loads(line)
-        except ValueError:
-            raise ControlError(f"the daemon at {self.path} sent invalid JSON: {line[:200]!r}") from None
-        if not isinstance(response, dict):
-            raise ControlError(f"the daemon at {self.path} sent a non-object response")
-        if "error" in response:
-            raise ControlError(f"the daemon at {self.path} rejected {request!r}: {response['error']}")
-        return response
-
-    def _connect(self, sock: socket.socket) -> None:
-        try:
-            sock.connect(str(self.path))
-        except FileNotFoundError:
-            raise ControlError(f"no control socket at {self.path}: is the lazyfs daemon running?") from None
-        except ConnectionRefusedError:
-            raise ControlError(
-                f"nothing listens on control socket {self.path}: the daemon has exited") from None
-        except PermissionError:
-            raise ControlError(
-                f"permission denied on control socket {self.path}: run as its owner (root)") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOTSOCK:
-                raise ControlError(f"{self.path} is not a socket") from None
-            raise ControlError(f"cannot connect to control socket {self.path}: {exc.strerror}") from None
-
-    def _receive_line(self, sock: socket.socket) -> bytes:
-        buffer = bytearray()
-        while b"\n" not in buffer:
-            data = sock.recv(65536)
-            if not data:
-                raise ControlError(f"the daemon at {self.path} closed the connection without a response")
-            buffer += data
-            if len(buffer) > 64 << 20:
-                raise ControlError(f"the daemon at {self.path} sent a response over 64 MiB")
-        return bytes(buffer[:buffer.index(b"\n")])

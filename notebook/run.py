@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from lazyfs.config import load_config
-from lazyfs.control import ControlClient
-from lazyfs.daemon import start_background
+from lazyfs.control_client import ControlClient
 from lazyfs.errors import ControlError, LazyfsError
 
 from .container import ContainerRequest, Runc, run_container
@@ -78,6 +77,10 @@ def connect_daemon(config, config_path: Path | None) -> tuple[ControlClient, dic
         return client, client.status()
     except ControlError:
         log.info("no lazyfs daemon responds on %s; starting one", config.control_socket)
+    # Imported here: the daemon pulls in pyfuse3, trio and lmdb, which a run
+    # against an already running daemon never needs.
+    from lazyfs.daemon import start_background
+
     start_background(config, config_path)
     return client, client.status()
 
