@@ -66,8 +66,12 @@ class OverlayRoot:
         self._mounted = False
 
     def __enter__(self) -> "OverlayRoot":
+        # Owner-only: the rootfs under it has the image's setuid files and
+        # devices, which other host users must not reach while it is mounted.
+        self.state.mkdir(mode=0o700)
+        os.chmod(self.state, 0o700)
         for directory in (self.upper, self.work, self.rootfs):
-            directory.mkdir(parents=True, mode=0o755)
+            directory.mkdir(mode=0o755)
         mount_overlay(self.lower, self.upper, self.work, self.rootfs)
         self._mounted = True
         return self
