@@ -217,7 +217,13 @@ class LmdbTier(Tier):
             self.counters["misses"] += 1
             log.warning("disk cache entry for chunk %s failed its XXH3 check; dropping it",
                         address.hex())
-            await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
+            try:
+                await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
+            except (lmdb.Error, struct.error, ValueError) as exc:
+                # The entry stays, but the refetched chunk overwrites it on fill.
+                self.counters["errors"] += 1
+                log.warning("dropping the corrupt disk cache entry for chunk %s failed: %s",
+                            address.hex(), exc)
             return None
         self.counters["hits"] += 1
         self.counters["bytes_served"] += len(result)
@@ -369,7 +375,8 @@ class LmdbTier(Tier):
         return _U64.unpack(raw)[0] if raw else 0
 
     def _set_used(self, txn: lmdb.Transaction, used: int) -> None:
-        txn.put(_META_USED, _U64.pack(used), db=self._meta)
+        # A damaged size record must not drive the total below zero.
+        txn.put(_META_USED, _U64.pack(max(0, used)), db=self._meta)
 
     # -- state -------------------------------------------------------------
 
