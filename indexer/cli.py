@@ -23,6 +23,7 @@ import os
 import sys
 
 from ..errors import IntegrityError, LazyfsError, StoreError
+from ..refs import check_name
 from ..store import StoreOptions, open_store
 from .chunker import ChunkingParams
 from .errors import ImageError, SourceError, UsageError
@@ -168,6 +169,11 @@ def run(args: argparse.Namespace) -> IndexResult:
         password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     registry_options = RegistryOptions(plain_http=args.plain_http, username=args.username,
                                        password=password, timeout_s=args.timeout)
+    for name in args.names or ():
+        try:
+            check_name(name)
+        except LazyfsError as exc:
+            raise UsageError(f"--name: {exc}") from None
     if args.plain_http and not args.source.startswith("docker://"):
         raise UsageError("--plain-http applies to docker:// sources only")
     source = open_source(args.source, tag=args.tag, registry_options=registry_options)

@@ -67,6 +67,10 @@ def _display(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
 
+# Linux's NAME_MAX: the kernel rejects longer names, so the mount could not show them.
+NAME_MAX_BYTES = 255
+
+
 class Flattener:
     """Builds the flattened tree of one image; ``root`` is the result."""
 
@@ -208,6 +212,8 @@ class Flattener:
         parts = tuple(part for part in raw.split(b"/") if part not in (b"", b"."))
         if b".." in parts:
             raise self._error(name, f"{subject} contains a '..' component")
+        if any(len(part) > NAME_MAX_BYTES for part in parts):
+            raise self._error(name, f"{subject} has a component longer than {NAME_MAX_BYTES} bytes")
         return parts
 
     def _directory(self, path: Path, name: bytes, create: bool, subject: str = "entry") -> Node | None:
@@ -278,8 +284,8 @@ class Flattener:
         for key, value in member.pax_headers.items():
             if key.startswith(XATTR_PREFIX):
                 xattr_name = _encode(key[len(XATTR_PREFIX):])
-                if not xattr_name:
-                    raise self._error(name, "extended attribute with an empty name")
+                if not xattr_name or b"\0" in xattr_name:
+                    raise self._error(name, "extended attribute with an empty name or a NUL byte")
                 xattrs[xattr_name] = _encode(value)
         return xattrs
 

@@ -34,7 +34,19 @@ def chunk_key(address: bytes) -> str:
     return f"chunks/{address.hex()}"
 
 
+MAX_NAME_CHARS = 512
+
+
+def check_name(name: str) -> None:
+    """Raise LazyfsError unless ``name`` can be an image name ref."""
+    if name in ("", ".", "..") or len(name) > MAX_NAME_CHARS:
+        raise LazyfsError(f"invalid image name {name!r}: expected 1 to {MAX_NAME_CHARS} characters, not . or ..")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+        raise LazyfsError(f"invalid image name {name!r}: control characters are not allowed")
+
+
 def name_key(name: str) -> str:
+    check_name(name)
     return "refs/names/" + urllib.parse.quote(name, safe="")
 
 
@@ -53,8 +65,9 @@ def publish(store: Store, index_digest: str, manifest_digest: str, names: list[s
     """
     if not store.exists(index_key(index_digest)):
         raise LazyfsError(f"refusing to publish refs: index {index_digest} is not in {store.url}")
-    written = []
+    # Every key is built, and so every name checked, before the first write.
     keys = [(manifest_key(manifest_digest), None)] + [(name_key(name), name) for name in names]
+    written = []
     for key, name in keys:
         record = {"index": index_digest, "manifest": manifest_digest}
         if name is not None:
