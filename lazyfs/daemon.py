@@ -56,6 +56,8 @@ DEFAULT_START_TIMEOUT_S = 60.0
 UNMOUNT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_BYTES = 4000
+# The type /proc/self/mountinfo shows for our mounts ("fsname=lazyfs,subtype=lazyfs").
+FILESYSTEM_TYPE = "fuse.lazyfs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -112,9 +114,15 @@ def lazy_unmount(mountpoint: str | Path) -> None:
 
 
 def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
-    """Unmount a lazyfs mount; the daemon serving it then exits. Raise DaemonError."""
-    if not is_mounted(mountpoint):
+    """Unmount a lazyfs mount; the daemon serving it then exits. Raise DaemonError.
+
+    Any other file system at ``mountpoint`` is left alone.
+    """
+    filesystem = mounted_filesystem(mountpoint)
+    if filesystem is None:
         raise DaemonError(f"nothing is mounted at {mountpoint}")
+    if filesystem != FILESYSTEM_TYPE:
+        raise DaemonError(f"{mountpoint} is a {filesystem} mount, not a lazyfs mount; not unmounting it")
     _fusermount(mountpoint, lazy=lazy)
 
 
@@ -134,7 +142,10 @@ def _fusermount(mountpoint: str | Path, lazy: bool) -> None:
 def prepare_mountpoint(mountpoint: str | Path) -> None:
     """Create the mount point; lazily unmount a dead mount there, reject a live one."""
     path = Path(mountpoint)
-    if is_mounted(path):
+    filesystem = mounted_filesystem(path)
+    if filesystem is not None and filesystem != FILESYSTEM_TYPE:
+        raise DaemonError(f"{path} is already a {filesystem} mount; choose another mount point")
+    if filesystem is not None:
         try:
             os.stat(path)
         except OSError as exc:

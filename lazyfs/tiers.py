@@ -38,12 +38,17 @@ from typing import NamedTuple
 
 import trio
 
-from .errors import IntegrityError, ObjectNotFound
+from .errors import IntegrityError, ObjectNotFound, StoreUnavailable
 from .refs import chunk_key
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FAILURE_TTL_S = 10.0
+
+# A store that timed out or kept failing is asked again after this long. The
+# kernel retries a failed readahead as a single-page read right away, which
+# would otherwise wait a second full fetch timeout.
+DEFAULT_UNAVAILABLE_TTL_S = 2.0
 
 # Expired entries of the failure memory are swept once it contains this many.
 _FAILURE_SWEEP_ENTRIES = 4096
@@ -193,7 +198,9 @@ class TierChain:
         except Exception as exc:
             flight.error = exc
             if isinstance(exc, (IntegrityError, ObjectNotFound)):
-                self._remember_failure(address, exc)
+                self._remember_failure(address, exc, self.failure_ttl_s)
+            elif isinstance(exc, StoreUnavailable):
+                self._remember_failure(address, exc, DEFAULT_UNAVAILABLE_TTL_S)
             raise
         except BaseException:
             # Cancelled: the waiters did not fail, so one of them fetches again.
@@ -234,11 +241,11 @@ class TierChain:
             raise error
         del self._failures[address]
 
-    def _remember_failure(self, address: bytes, error: Exception) -> None:
+    def _remember_failure(self, address: bytes, error: Exception, ttl_s: float) -> None:
         now = trio.current_time()
         if len(self._failures) >= _FAILURE_SWEEP_ENTRIES:
             self._failures = {key: value for key, value in self._failures.items() if value[0] > now}
-        self._failures[address] = (now + self.failure_ttl_s, error)
+        self._failures[address] = (now + ttl_s, error)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Return every tier's counters, keyed by tier name."""

@@ -676,3 +676,19 @@ def test_cli_unmount_nothing_mounted(tmp_path: Path):
 
     assert result.returncode == 6
     assert result.stderr == f"lazyfs unmount: nothing is mounted at {tmp_path}\n"
+
+
+def test_cli_unmount_leaves_other_filesystems(tmp_path: Path):
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "lazyfs-test-tmpfs", str(target)], check=True)
+    try:
+        (target / "precious").write_bytes(b"keep")
+
+        result = subprocess.run(lazyfs_command("unmount", str(target)), capture_output=True, text=True)
+
+        assert result.returncode == 6
+        assert result.stderr == f"lazyfs unmount: {target} is a tmpfs mount, not a lazyfs mount; not unmounting it\n"
+        assert (target / "precious").read_bytes() == b"keep"
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
