@@ -56,7 +56,8 @@ class ControlClient:
         if not isinstance(response, dict):
             raise ControlError(f"the daemon at {self.path} sent a non-object response")
         if "error" in response:
-            raise ControlError(f"the daemon at {self.path} rejected {request!r}: {response['error']}")
+            raise ControlError(f"the daemon at {self.path} rejected the {request.get('op')} request: "
+                               f"{response['error']}")
         return response
 
     def _connect(self, sock: socket.socket) -> None:

@@ -17,13 +17,14 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError
 
 from .imageuser import resolve_user
-from .overlay import OverlayRoot
+from .overlay import OverlayRoot, unmount
 from .runtime_spec import merge_env, runtime_spec
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ class Runc:
         if process.returncode != 0:
             raise LazyfsError(f"runc create failed (exit code {process.returncode}): {_runc_error(log_file)}")
         pid = int(pid_file.read_text())
-        previous = {sig: signal.signal(sig, lambda number, _frame: _forward(pid, number))
-                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        forwarder = _SignalForwarder(pid)
+        previous = {sig: signal.signal(sig, forwarder) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self._check("start", "start", container_id)
             return _wait_exit_code(pid)
@@ -137,11 +138,29 @@ def set_child_subreaper() -> None:
         raise LazyfsError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
 
 
-def _forward(pid: int, number: int) -> None:
-    try:
-        os.kill(pid, number)
-    except ProcessLookupError:
-        pass
+class _SignalForwarder:
+    """Forward the first signal to the container's process; kill it on the second.
+
+    The command runs as PID 1 of its namespace, where the kernel drops signals
+    it has no handler for, so a second Ctrl-C or SIGTERM must still end it.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.received = 0
+
+    def __call__(self, number: int, _frame) -> None:
+        self.received += 1
+        target = number if self.received == 1 else signal.SIGKILL
+        if self.received == 1:
+            print(f"lazyfs-run: forwarded {signal.Signals(number).name} to the container; "
+                  "send another signal to kill it", file=sys.stderr, flush=True)
+        elif self.received == 2:
+            print("lazyfs-run: second signal: killing the container", file=sys.stderr, flush=True)
+        try:
+            os.kill(self.pid, target)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_exit_code(pid: int) -> int:
@@ -157,14 +176,40 @@ def _wait_exit_code(pid: int) -> int:
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+OWNER_FILE = "owner.pid"
+
+
+def reap_stale_containers(state_dir: Path, runc: Runc) -> None:
+    """Remove containers whose lazyfs-run was killed before it could clean up."""
+    for state in state_dir.glob("lazyfs-*"):
+        try:
+            owner = int((state / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(owner, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        log.warning("removing container %s left by lazyfs-run process %d, which is gone", state.name, owner)
+        runc.delete(state.name)
+        if os.path.ismount(state / "rootfs"):
+            unmount(state / "rootfs")
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def run_container(request: ContainerRequest, state_dir: Path, runc: Runc | None = None) -> int:
     """Run one container over ``request.image_dir`` and return the command's exit code."""
     runc = runc or Runc()
     container_id = "lazyfs-" + secrets.token_hex(6)
     state = state_dir / container_id
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    reap_stale_containers(state_dir, runc)
     try:
         with OverlayRoot(request.image_dir, state) as root:
+            (state / OWNER_FILE).write_text(f"{os.getpid()}\n")
             config = request.image_config
             user = resolve_user(root.rootfs, request.user if request.user is not None else config.get("User", ""))
             spec = runtime_spec(

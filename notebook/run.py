@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -41,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit code: the command's own; 125 when the container could not be set up; 2 usage error.",
     )
     parser.add_argument("image", help="image name, manifest digest (sha256:...) or index digest")
-    parser.add_argument("command", nargs="*", help="command and arguments (after --); default: the image's Entrypoint + Cmd")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="command and arguments, optionally after --; default: the image's Entrypoint + Cmd")
     parser.add_argument("--config", type=Path, help="daemon configuration file (TOML)")
     parser.add_argument("--store", help="store URL for a daemon started by this command")
     parser.add_argument("--endpoint-url", help="S3 endpoint URL for a daemon started by this command")
@@ -70,19 +72,48 @@ def _overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def connect_daemon(config, config_path: Path | None) -> tuple[ControlClient, dict]:
-    """Return a client of the running daemon and its status, starting one if none answers."""
+def connect_daemon(config, config_path: Path | None, overrides: dict) -> tuple[ControlClient, dict]:
+    """Return a client of the running daemon and its status, starting one if none responds."""
     client = ControlClient(config.control_socket)
-    try:
-        return client, client.status()
-    except ControlError:
-        log.info("no lazyfs daemon responds on %s; starting one", config.control_socket)
+    if os.path.exists(config.control_socket):
+        try:
+            status = client.status()
+        except ControlError as exc:
+            # A socket nobody listens on is left by a daemon that died; anything
+            # else (permissions, a hung daemon) must not start a second one.
+            if "nothing listens" not in str(exc):
+                raise
+        else:
+            _warn_ignored(status, overrides)
+            return client, status
     # Imported here: the daemon pulls in pyfuse3, trio and lmdb, which a run
     # against an already running daemon never needs.
     from lazyfs.daemon import start_background
 
     start_background(config, config_path)
+    print(f"lazyfs-run: started a lazyfs daemon serving {config.mountpoint}; "
+          f"stop it with: lazyfs unmount {config.mountpoint}", file=sys.stderr)
     return client, client.status()
+
+
+def _warn_ignored(status: dict, overrides: dict) -> None:
+    running = {"store_url": status.get("store_url"), "mountpoint": status.get("mountpoint")}
+    for key, value in running.items():
+        if key in overrides and overrides[key] != value:
+            print(f"lazyfs-run: warning: the running daemon uses {key} {value!r}; "
+                  f"{overrides[key]!r} applies only to a daemon this command starts", file=sys.stderr)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Reject values runc would fail on later with a less clear message."""
+    for item in args.env:
+        name, equals, _value = item.partition("=")
+        if not name or not equals:
+            raise UsageError(f"invalid -e {item!r}: expected NAME=VALUE")
+    if args.workdir is not None and not args.workdir.startswith("/"):
+        raise UsageError(f"invalid -w {args.workdir!r}: the working directory must be an absolute path")
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
 
 
 # Counters that only grow; sizes such as used_bytes are gauges and not diffed.
@@ -125,15 +156,29 @@ def _exit_on_sigterm(number, _frame) -> None:
     raise SystemExit(128 + number)
 
 
+class UsageError(Exception):
+    """An invalid command line (exit code 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_arguments(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    if os.geteuid() != 0:
+        print("lazyfs-run: error: containers need root (runc, overlayfs mounts): run as root",
+              file=sys.stderr)
+        return EXIT_SETUP_FAILED
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(levelname)s: %(message)s")
     started = time.monotonic()
     try:
-        config = load_config(args.config, _overrides(args))
-        client, status = connect_daemon(config, args.config)
+        overrides = _overrides(args)
+        config = load_config(args.config, overrides)
+        client, status = connect_daemon(config, args.config, overrides)
         connected = time.monotonic()
         index_digest = client.resolve(args.image)
         image = client.image(index_digest)
@@ -160,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         _print_stats(stats)
     if args.stats_json:
-        args.stats_json.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+        try:
+            args.stats_json.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:
+            # The command ran: its exit code stays the result.
+            print(f"lazyfs-run: warning: cannot write --stats-json {args.stats_json}: {exc.strerror}",
+                  file=sys.stderr)
     return exit_code
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lazyfs.notebook.container import Runc, reap_stale_containers
 from tests.support import images, trees
 from tests.support.daemon import running_daemon
 from tests.support.s3server import MotoServer
@@ -184,3 +186,96 @@ def test_cold_then_warm_after_restart(registry, debootstrap_image, tmp_path):
         assert warm_stats["fetched"]["store"]["requests"] == 0
         assert warm_stats["fetched"]["disk"]["hits"] > 0
         assert warm_stats["fetched"]["disk"]["bytes_served"] == cold_stats["fetched"]["store"]["bytes_served"]
+
+
+def _start_run(daemon, tmp_path: Path, image: str, *command: str) -> subprocess.Popen:
+    """Start ``lazyfs-run`` whose command prints "started" and then sleeps as the container's PID 1."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lazyfs.notebook.run", "--control-socket", str(daemon.control_socket),
+         "--state-dir", str(tmp_path / "containers"), image, "sh", "-c", "echo started; exec sleep 300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "started\n"
+    return process
+
+
+def _runc_containers() -> list[str]:
+    result = subprocess.run(["runc", "--root", "/run/lazyfs/runc", "list", "-q"],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.split()
+
+
+def test_run_second_signal_kills_container(s3_image, tmp_path):
+    store_url, endpoint_url, result = s3_image
+
+    with running_daemon(directory=tmp_path / "daemon", store_url=store_url,
+                        s3_endpoint_url=endpoint_url) as daemon:
+        process = _start_run(daemon, tmp_path, result["index_digest"])
+        try:
+            # PID 1 has no SIGTERM handler, so the kernel drops the first one.
+            process.send_signal(signal.SIGTERM)
+            assert process.stderr.readline() == (
+                "lazyfs-run: forwarded SIGTERM to the container; send another signal to kill it\n")
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+                # A killed lazyfs-run leaves its container; remove it so the mount can go.
+                reap_stale_containers(tmp_path / "containers", Runc())
+
+        assert code == 128 + signal.SIGKILL
+        assert process.stderr.read() == "lazyfs-run: second signal: killing the container\n"
+        process.stdout.close()
+        process.stderr.close()
+        assert list((tmp_path / "containers").iterdir()) == []
+        assert overlay_mounts_under(tmp_path / "containers") == []
+
+
+def test_run_reaps_container_of_killed_run(s3_image, tmp_path):
+    store_url, endpoint_url, result = s3_image
+
+    with running_daemon(directory=tmp_path / "daemon", store_url=store_url,
+                        s3_endpoint_url=endpoint_url) as daemon:
+        killed = _start_run(daemon, tmp_path, result["index_digest"])
+        killed.kill()
+        killed.wait()
+        killed.stdout.close()
+        killed.stderr.close()
+        [left] = list((tmp_path / "containers").iterdir())
+        assert left.name in _runc_containers()
+        assert overlay_mounts_under(tmp_path / "containers") == [str(left / "rootfs")]
+
+        process, _stats = run_command(daemon, tmp_path, result["index_digest"], "true")
+
+        assert process.returncode == 0, process.stderr
+        assert list((tmp_path / "containers").iterdir()) == []
+        assert overlay_mounts_under(tmp_path / "containers") == []
+        assert left.name not in _runc_containers()
+
+
+def test_run_command_without_separator(s3_image, tmp_path):
+    store_url, endpoint_url, result = s3_image
+
+    with running_daemon(directory=tmp_path / "daemon", store_url=store_url,
+                        s3_endpoint_url=endpoint_url) as daemon:
+        process = subprocess.run(
+            [sys.executable, "-m", "lazyfs.notebook.run", "--control-socket", str(daemon.control_socket),
+             "--state-dir", str(tmp_path / "containers"), result["index_digest"], "ls", "-d", "/usr"],
+            capture_output=True, text=True, timeout=120)
+
+    assert process.returncode == 0, process.stderr
+    assert process.stdout == "/usr\n"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("-e", "NOEQUALS"), "invalid -e 'NOEQUALS': expected NAME=VALUE"),
+    (("-e", "=x"), "invalid -e '=x': expected NAME=VALUE"),
+    (("-w", "relative"), "invalid -w 'relative': the working directory must be an absolute path"),
+])
+def test_run_rejects_bad_arguments(arguments, message):
+    process = subprocess.run([sys.executable, "-m", "lazyfs.notebook.run", *arguments, "image", "true"],
+                             capture_output=True, text=True, timeout=60)
+
+    assert process.returncode == 2
+    assert process.stderr.endswith(f"lazyfs-run: error: {message}\n")
