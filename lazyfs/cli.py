@@ -56,8 +56,12 @@ def exit_code_for(error: LazyfsError) -> int:
 
 def _store_url(value: str) -> str:
     """Accept a store URL, or a local directory path that becomes a file:// URL."""
-    if urllib.parse.urlsplit(value).scheme in ("s3", "file"):
+    scheme = urllib.parse.urlsplit(value).scheme
+    if scheme in ("s3", "file"):
         return value
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"unsupported store URL {value!r}: use s3://BUCKET/PREFIX, file:///DIR or a directory path")
     return Path(value).resolve().as_uri()
 
 

@@ -692,3 +692,14 @@ def test_cli_unmount_leaves_other_filesystems(tmp_path: Path):
         assert (target / "precious").read_bytes() == b"keep"
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/store", "http://127.0.0.1:1/store"])
+def test_cli_mount_rejects_unsupported_store_url(tmp_path: Path, url: str):
+    result = subprocess.run(lazyfs_command("mount", "--store", url, str(tmp_path / "mnt")),
+                            capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert result.stderr.endswith(f"lazyfs mount: error: argument --store: unsupported store URL {url!r}: "
+                                  "use s3://BUCKET/PREFIX, file:///DIR or a directory path\n")
+    assert not (tmp_path / "mnt").exists()
