@@ -59,9 +59,9 @@ class Runc:
     """The runc binary with a lazyfs-owned state root, so our containers stay apart.
 
     A container runs as ``runc create`` then ``runc start``, with this process
-    as the child subreaper that waits for the container's init process. That
-    tells a failure to set up the container (an error) apart from the
-    command's own exit code, which ``runc run`` would mix up.
+    as the child subreaper that waits for the container's init process. This
+    separates a failure to set up the container (an error) from the command's
+    own exit code, which ``runc run`` returns through the same channel.
     """
 
     def __init__(self, binary: str = "runc", root: Path = Path("/run/lazyfs/runc")):

@@ -1,8 +1,8 @@
 """A writable root over a read-only image directory: overlayfs mounted with mount(2).
 
-The image directory on the lazyfs mount is the lower layer; the upper and work
-directories live in the container's state directory on a local filesystem
-(overlayfs refuses a FUSE upper layer).
+The image directory on the lazyfs mount is the lower layer. The upper and work
+directories live in the container's state directory on a local filesystem,
+because overlayfs refuses a FUSE upper layer.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def connect_daemon(config, config_path: Path | None, overrides: dict) -> tuple[C
         try:
             status = client.status()
         except ControlError as exc:
-            # A socket nobody listens on is left by a daemon that died; anything
-            # else (permissions, a hung daemon) must not start a second one.
+            # A socket with no listener is left by a daemon that died. Any other
+            # failure (permissions, a hung daemon) must not start a second daemon.
             if "nothing listens" not in str(exc):
                 raise
         else:
