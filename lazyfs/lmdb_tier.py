@@ -145,6 +145,17 @@ class LmdbTier(Tier):
         log.info("disk cache %s opened: %d bytes in use of %d, map size %d",
                  self.path, self.used_bytes, self.capacity_bytes, self.map_size_bytes)
 
+    def _check_file_size(self) -> None:
+        """Raise lmdb.CorruptedError when data.mdb is shorter than its meta page claims.
+
+        LMDB maps the file, so reading a page past a truncated end would kill
+        the daemon with SIGBUS instead of raising an error.
+        """
+        expected = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        actual = (self.path / "data.mdb").stat().st_size
+        if actual < expected:
+            raise lmdb.CorruptedError(f"data.mdb has {actual} bytes, its meta page needs {expected}")
+
     def _lock_directory(self) -> None:
         # One owner at a time: the open marker and the byte accounting assume it.
         self._lock_file = open(self.path / LOCK_FILE, "a+b")
@@ -173,6 +184,7 @@ class LmdbTier(Tier):
         self._env = lmdb.open(
             str(self.path), map_size=self.map_size_bytes, max_dbs=4, subdir=True,
             sync=False, metasync=False, readahead=True, mode=0o600)
+        self._check_file_size()
         self._chunks = self._env.open_db(b"chunks")
         self._ticks = self._env.open_db(b"ticks")
         self._lru = self._env.open_db(b"lru")

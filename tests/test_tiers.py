@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -588,3 +590,34 @@ async def test_lmdb_second_owner_rejected(tmp_path: Path):
     await disk.aclose()
     reopened = LmdbTier(tmp_path / "lmdb", 64 * MiB)
     await reopened.aclose()
+
+
+@pytest.mark.parametrize("keep_bytes", [12 << 10, None])
+def test_lmdb_truncated_file_starts_empty(tmp_path, keep_bytes):
+    # Run in a child process: a regression would kill it with SIGBUS, not pytest.
+    script = f"""
+import os, trio
+from lazyfs.lmdb_tier import LmdbTier
+
+async def main():
+    tier = LmdbTier({str(tmp_path / "cache")!r}, capacity_bytes=64 << 20)
+    for n in range(40):
+        await tier.put(bytes([n]) * 32, os.urandom(256 << 10))
+    await tier.aclose()
+    data_file = {str(tmp_path / "cache" / "data.mdb")!r}
+    size = os.path.getsize(data_file)
+    os.truncate(data_file, {keep_bytes!r} or size // 2)
+    tier = LmdbTier({str(tmp_path / "cache")!r}, capacity_bytes=64 << 20)
+    found = [await tier.get(bytes([n]) * 32) for n in range(40)]
+    print(sum(item is not None for item in found), tier.used_bytes)
+    await tier.put(b"x" * 32, b"fresh")
+    print(await tier.get(b"x" * 32))
+    await tier.aclose()
+
+trio.run(main)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "0 0\nb'fresh'\n"
+    assert "cannot be opened" in result.stderr
