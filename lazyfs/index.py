@@ -50,7 +50,9 @@ from .errors import IndexFormatError
 
 MAGIC = b"LZIX"
 FORMAT_VERSION = 1
-MAX_BODY_BYTES = 1 << 31
+# About 60 bytes per inode plus names: room for several million files. A body
+# that declares more is rejected before it is decompressed.
+MAX_BODY_BYTES = 1 << 28
 
 _PREAMBLE = struct.Struct("<4sHH")
 _HEADER = struct.Struct("<7I")
@@ -252,8 +254,12 @@ class Index:
             raise IndexFormatError(
                 f"index {self.digest}: format version {version} is not supported (this lazyfs reads {FORMAT_VERSION})")
         try:
+            frame = zstandard.get_frame_parameters(data[_PREAMBLE.size:])
+            if frame.content_size == zstandard.CONTENTSIZE_UNKNOWN or frame.content_size > MAX_BODY_BYTES:
+                raise IndexFormatError(
+                    f"index {self.digest}: body declares no size or more than {MAX_BODY_BYTES} bytes")
             body = zstandard.ZstdDecompressor().decompress(
-                data[_PREAMBLE.size:], max_output_size=MAX_BODY_BYTES)
+                data[_PREAMBLE.size:], max_output_size=frame.content_size)
         except zstandard.ZstdError as exc:
             raise IndexFormatError(f"index {self.digest}: body does not decompress: {exc}") from None
         self._parse(body)
