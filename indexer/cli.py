@@ -28,7 +28,7 @@ from ..store import StoreOptions, open_store
 from .chunker import ChunkingParams
 from .errors import ImageError, SourceError, UsageError
 from .manifest import Platform
-from .pipeline import IndexOptions, IndexResult, index_image
+from .pipeline import DEFAULT_MAX_IMAGE_BYTES, IndexOptions, IndexResult, index_image
 from .registry import RegistryOptions
 from .source import open_source
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="platform to pick from a multi-platform image "
                             "(default: linux and this machine's architecture)")
     image.add_argument("--tag", help="tag to look up in an OCI layout given as a plain DIR")
+    image.add_argument("--max-image-bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                       help="reject an image whose uncompressed layers or file data exceed N bytes, "
+                            "against decompression bombs (default: %(default)s)")
     image.add_argument("--name", action="append", dest="names", metavar="NAME",
                        help="publish a ref under this image name; repeatable (default: the "
                             "registry reference HOST/REPO:TAG, or the layout tag)")
@@ -184,6 +187,7 @@ def run(args: argparse.Namespace) -> IndexResult:
     options = IndexOptions(platform=args.platform,
                            names=tuple(args.names) if args.names is not None else None,
                            upload_workers=args.upload_workers,
+                           max_image_bytes=args.max_image_bytes,
                            max_pending_chunks=2 * args.upload_workers,
                            chunking=ChunkingParams())
     try:

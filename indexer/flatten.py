@@ -74,10 +74,12 @@ NAME_MAX_BYTES = 255
 class Flattener:
     """Builds the flattened tree of one image; ``root`` is the result."""
 
-    def __init__(self, chunker: Chunker, image: str):
+    def __init__(self, chunker: Chunker, image: str, max_image_bytes: int | None = None):
         self.root = Node(mode=stat.S_IFDIR | 0o755)
         self.chunker = chunker
         self.image = image
+        self.max_image_bytes = max_image_bytes
+        self.file_bytes = 0
         self.entries = 0
         self._layer = ""
         # Paths with an entry in the current layer, and all their ancestors,
@@ -135,6 +137,11 @@ class Flattener:
                 return
             node = self._new_node(member, name, stat.S_IFDIR)
         elif member.isreg():
+            # Declared sizes count too: a sparse entry can claim exabytes of holes.
+            self.file_bytes += member.size
+            if self.max_image_bytes is not None and self.file_bytes > self.max_image_bytes:
+                raise self._error(name, f"file data exceeds the limit of {self.max_image_bytes} bytes "
+                                        "per image (--max-image-bytes)")
             node = self._new_node(member, name, stat.S_IFREG)
             node.size = member.size
             self.chunker.add_file(node, archive.extractfile(member), self._label(name))

@@ -62,23 +62,40 @@ class _PrefixedReader(io.RawIOBase):
         return len(data)
 
 
-class _DecodeErrorReader(io.RawIOBase):
-    """Turns decoder errors into an ImageError naming the layer."""
+class ByteBudget:
+    """A limit on the uncompressed bytes of all layers of one image, against decompression bombs."""
 
-    def __init__(self, decoder: BinaryIO, compression: str, label: str):
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.used = 0
+
+    def consume(self, count: int, label: str) -> None:
+        self.used += count
+        if self.limit is not None and self.used > self.limit:
+            raise ImageError(f"{label}: uncompressed layers exceed the limit of {self.limit} bytes "
+                             "per image (--max-image-bytes)")
+
+
+class _DecodeErrorReader(io.RawIOBase):
+    """Turns decoder errors into an ImageError naming the layer, and counts bytes against a budget."""
+
+    def __init__(self, decoder: BinaryIO, compression: str, label: str, budget: ByteBudget):
         super().__init__()
         self._decoder = decoder
         self._compression = compression
         self._label = label
+        self._budget = budget
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
         try:
-            return self._decoder.read(size)
+            data = self._decoder.read(size)
         except DECODE_ERRORS as exc:
             raise ImageError(f"{self._label}: invalid {self._compression} data: {exc}") from None
+        self._budget.consume(len(data), self._label)
+        return data
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
@@ -94,7 +111,8 @@ class LayerStream:
     blob digest cover every byte, trailing padding included.
     """
 
-    def __init__(self, raw: BinaryIO, descriptor: Descriptor, diff_id: str, label: str):
+    def __init__(self, raw: BinaryIO, descriptor: Descriptor, diff_id: str, label: str,
+                 budget: ByteBudget | None = None):
         self.label = label
         self.compression = mediatypes.LAYERS[descriptor.media_type]
         self.blob = VerifyingReader(raw, descriptor.digest, descriptor.size, label)
@@ -110,7 +128,7 @@ class LayerStream:
                 compressed, read_size=READ_SIZE, read_across_frames=True, closefd=False)
         else:
             decoder = compressed
-        decoded = _DecodeErrorReader(decoder, self.compression, label)
+        decoded = _DecodeErrorReader(decoder, self.compression, label, budget or ByteBudget(None))
         self.content = VerifyingReader(
             decoded, diff_id, None, f"{label}: uncompressed content (diff_id {diff_id})")
 

@@ -35,7 +35,7 @@ from ..store import Store
 from .chunker import Chunker, ChunkingParams
 from .errors import ImageError
 from .flatten import Flattener
-from .layers import LayerStream
+from .layers import ByteBudget, LayerStream
 from .manifest import (MAX_CONFIG_BYTES, ImageConfig, ImageIndex, Manifest, Platform,
                        parse_config, parse_manifest_document, select_manifest)
 from .source import Source
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 # Image indexes may nest; real ones go one level deep.
 MAX_INDEX_DEPTH = 4
+
+
+# Far above real images (tens of GB at most), far below what a few MB of
+# crafted gzip can expand to.
+DEFAULT_MAX_IMAGE_BYTES = 64 << 30
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class IndexOptions:
     upload_workers: int = 8
     max_pending_chunks: int = 16
     chunking: ChunkingParams = ChunkingParams()
+    # Limit on the uncompressed layer bytes, and on the declared file bytes, of one image.
+    max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES
 
 
 @dataclass
@@ -120,12 +127,13 @@ def index_image(source: Source, store: Store, options: IndexOptions = IndexOptio
         # files that a later layer removes or replaces is uploaded too, though
         # the index never references it.
         chunker = Chunker(uploader.submit, options.chunking)
-        flattener = Flattener(chunker, source.label)
+        flattener = Flattener(chunker, source.label, options.max_image_bytes)
+        budget = ByteBudget(options.max_image_bytes)
         layer_seconds = []
         for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids), start=1):
             layer_started = time.monotonic()
             label = f"layer {number} of {len(manifest.layers)} ({layer.digest})"
-            _apply_layer(source, flattener, layer, diff_id, label)
+            _apply_layer(source, flattener, layer, diff_id, label, budget)
             layer_seconds.append(round(time.monotonic() - layer_started, 3))
         chunker.finish()
     stats = uploader.stats
@@ -201,9 +209,10 @@ def _read_config(source: Source, manifest: Manifest, manifest_digest: str) -> Im
     return config
 
 
-def _apply_layer(source: Source, flattener: Flattener, descriptor, diff_id: str, label: str) -> None:
+def _apply_layer(source: Source, flattener: Flattener, descriptor, diff_id: str, label: str,
+                 budget: ByteBudget) -> None:
     with source.open_blob(descriptor) as raw:
-        layer = LayerStream(raw, descriptor, diff_id, label)
+        layer = LayerStream(raw, descriptor, diff_id, label, budget)
         try:
             entries = flattener.apply_layer(layer.content, descriptor.digest)
             layer.finish()

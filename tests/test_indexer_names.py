@@ -53,3 +53,27 @@ def test_xattr_name_with_nul_rejected(tmp_path):
     assert run.code == 3
     assert "extended attribute with an empty name or a NUL byte" in run.stderr
     assert _store_is_empty(tmp_path / "store")
+
+
+def test_decompression_bomb_stops_at_file_limit(tmp_path):
+    # 64 MiB of zeros compresses to about 64 KiB of gzip.
+    image = oci.write_image(tmp_path / "layout", [oci.Layer([oci.file("zeros", bytes(64 << 20))])])
+
+    run = oci.run_indexer("--store", str(tmp_path / "store"), "--max-image-bytes", str(16 << 20), image.source)
+
+    assert run.code == 3
+    assert ("entry 'zeros': file data exceeds the limit of 16777216 bytes per image (--max-image-bytes)"
+            in run.stderr)
+    assert _store_is_empty(tmp_path / "store")
+
+
+def test_header_bomb_stops_at_stream_limit(tmp_path):
+    # 4000 empty files: about 2 MB of tar headers and no file data at all.
+    entries = [oci.file(f"f{number}", b"") for number in range(4000)]
+    image = oci.write_image(tmp_path / "layout", [oci.Layer(entries)])
+
+    run = oci.run_indexer("--store", str(tmp_path / "store"), "--max-image-bytes", str(1 << 20), image.source)
+
+    assert run.code == 3
+    assert "uncompressed layers exceed the limit of 1048576 bytes per image (--max-image-bytes)" in run.stderr
+    assert _store_is_empty(tmp_path / "store")
