@@ -69,6 +69,9 @@ def _display(name: bytes) -> str:
 
 # Linux's NAME_MAX: the kernel rejects longer names, so the mount could not show them.
 NAME_MAX_BYTES = 255
+# Linux's PATH_MAX. It also bounds the depth of a path, and with it the
+# per-entry work of tracking ancestors for opaque markers.
+PATH_MAX_BYTES = 4096
 
 
 class Flattener:
@@ -214,6 +217,8 @@ class Flattener:
         """Return the components of a tar path; reject absolute paths, '..' and NUL bytes."""
         if raw.startswith(b"/"):
             raise self._error(name, f"{subject} is an absolute path")
+        if len(raw) > PATH_MAX_BYTES:
+            raise self._error(name, f"{subject} is longer than {PATH_MAX_BYTES} bytes")
         if b"\0" in raw:
             raise self._error(name, f"{subject} contains a NUL byte")
         parts = tuple(part for part in raw.split(b"/") if part not in (b"", b"."))

@@ -77,3 +77,14 @@ def test_header_bomb_stops_at_stream_limit(tmp_path):
     assert run.code == 3
     assert "uncompressed layers exceed the limit of 1048576 bytes per image (--max-image-bytes)" in run.stderr
     assert _store_is_empty(tmp_path / "store")
+
+
+def test_path_over_path_max_rejected(tmp_path):
+    deep = "/".join(["d"] * 2100)
+    image = oci.write_image(tmp_path / "layout", [oci.Layer([oci.file(deep, b"x")])])
+
+    run = oci.run_indexer("--store", str(tmp_path / "store"), image.source)
+
+    assert run.code == 3
+    assert "is longer than 4096 bytes" in run.stderr
+    assert _store_is_empty(tmp_path / "store")
