@@ -101,7 +101,7 @@ class Runc:
         except FileNotFoundError:
             raise LazyfsError(f"runc not found ({self.binary}): install the runc package") from None
         if process.returncode != 0:
-            raise LazyfsError(f"runc create failed (exit code {process.returncode}): {_runc_error(log_file)}")
+            raise ContainerStartError(_runc_error(log_file))
         pid = int(pid_file.read_text())
         forwarder = _SignalForwarder(pid)
         previous = {sig: signal.signal(sig, forwarder) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -119,16 +119,35 @@ class Runc:
             log.warning("runc delete %s failed: %s", container_id, result.stderr.strip())
 
 
+class ContainerStartError(LazyfsError):
+    """runc could not start the command; ``exit_code`` follows Docker's conventions.
+
+    127: the command was not found in the image; 126: it could not be executed
+    (permission denied, not an executable); 125: any other setup failure.
+    """
+
+    def __init__(self, runc_message: str):
+        super().__init__(f"the container did not start: {runc_message}")
+        self.exit_code = 125
+        if "exec: " in runc_message:
+            if "executable file not found" in runc_message or "no such file or directory" in runc_message:
+                self.exit_code = 127
+            elif "permission denied" in runc_message or "exec format error" in runc_message:
+                self.exit_code = 126
+
+
 def _runc_error(log_file: Path) -> str:
-    """Return the last error runc logged, or a pointer to the log."""
+    """Return the last error runc logged, without runc's prefix and quoting."""
     try:
         lines = log_file.read_text(errors="replace").splitlines()
     except OSError:
         return "runc wrote no log"
     for line in reversed(lines):
         if "level=error" in line:
-            message = line.partition("msg=")[2]
-            return message.strip().strip('"') or line
+            message = line.partition("msg=")[2].strip()
+            if message.startswith('"') and message.endswith('"'):
+                message = message[1:-1].replace('\\"', '"')
+            return message.removeprefix("runc create failed: ").removeprefix("unable to start container process: ")
     return lines[-1] if lines else "runc logged nothing"
 
 

@@ -7,8 +7,9 @@ command with runc using the image's Env, WorkingDir and User, then remove the
 container and its upper directory. The exit code is the command's.
 
 Exit codes of lazyfs-run itself (the command's own codes pass through, so
-these apply only when no command ran): 125 lazyfs or runc failed to set up
-the container, 2 usage error.
+these apply only when no command ran), as Docker uses them: 125 lazyfs or
+runc failed to set up the container, 126 the command could not be executed,
+127 the command was not found in the image, 2 usage error.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazyfs-run",
         description="Run a command in a runc container whose root is a lazily fetched image.",
-        epilog="Exit code: the command's own; 125 when the container could not be set up; 2 usage error.",
+        epilog="Exit code: the command's own; 125 when the container could not be set up, "
+               "126 when the command could not be executed, 127 when it was not found; 2 usage error.",
     )
     parser.add_argument("image", help="image name, manifest digest (sha256:...) or index digest")
     parser.add_argument("command", nargs=argparse.REMAINDER,
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         fetched = counters_delta(before, tier_counters(client.status()))
     except LazyfsError as exc:
         print(f"lazyfs-run: error: {exc}", file=sys.stderr)
-        return EXIT_SETUP_FAILED
+        return getattr(exc, "exit_code", EXIT_SETUP_FAILED)
 
     stats = {
         "image": {"index": index_digest, "files": image.get("files"), "size_bytes": image.get("size_bytes")},

@@ -279,3 +279,20 @@ def test_run_rejects_bad_arguments(arguments, message):
 
     assert process.returncode == 2
     assert process.stderr.endswith(f"lazyfs-run: error: {message}\n")
+
+
+@pytest.mark.parametrize("command, code, message", [
+    ("nosuchcmd", 127, 'exec: "nosuchcmd": executable file not found in $PATH'),
+    ("/etc/passwd", 126, 'exec: "/etc/passwd": permission denied'),
+])
+def test_run_command_not_startable(s3_image, tmp_path, command, code, message):
+    store_url, endpoint_url, result = s3_image
+
+    with running_daemon(directory=tmp_path / "daemon", store_url=store_url,
+                        s3_endpoint_url=endpoint_url) as daemon:
+        process, stats = run_command(daemon, tmp_path, result["index_digest"], command)
+
+    assert process.returncode == code
+    assert stats is None
+    assert process.stderr.endswith(f"lazyfs-run: error: the container did not start: {message}\n")
+    assert list((tmp_path / "containers").iterdir()) == []
