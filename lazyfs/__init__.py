@@ -13,7 +13,10 @@ Layout of the core package (it knows nothing of the indexer or the runtime):
 - ``config``    the daemon's typed configuration (TOML file plus flags)
 - ``tree``      the mounted namespace: inode numbers, attributes, lookups
 - ``fuse_ops``  the thin pyfuse3 adapter over ``tree``
-- ``control``   the daemon's control socket (status, statistics)
+- ``control``   the daemon's control socket (status, statistics); ``control_client``
+                its blocking client
+- ``notify``    the systemd notify protocol (READY, STOPPING, WATCHDOG)
+- ``metrics``   Prometheus metrics built from the daemon's status
 - ``daemon``    mount wiring: tiers, tree, FUSE session, signals
 - ``cli``       the ``lazyfs`` command
 """

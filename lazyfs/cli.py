@@ -96,6 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", metavar="PATH",
                        help="log file in background mode (default: lazyfs.log next to the control socket)")
     mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    mount.add_argument("--metrics-address", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     mount.add_argument("--allow-other", action="store_true", default=None,
                        help="let users other than the mounting one access the mount")
     mode = mount.add_mutually_exclusive_group()
@@ -165,6 +167,7 @@ def _mount(arguments: argparse.Namespace) -> int:
         log_file=_absolute(arguments.log_file),
         log_level=arguments.log_level,
         allow_other=arguments.allow_other,
+        metrics_address=arguments.metrics_address,
     )
     if arguments.background:
         if arguments.ready_fd is not None:

@@ -71,6 +71,9 @@ class DaemonConfig:
     log_level: str = "info"
     # Maximum number of FUSE requests handled at once (pyfuse3 worker tasks).
     fuse_max_tasks: int = 64
+    # HOST:PORT of the Prometheus metrics endpoint (http://HOST:PORT/metrics);
+    # None turns it off. IPv6 hosts go in brackets: "[::1]:9477".
+    metrics_address: str | None = None
 
     def __post_init__(self) -> None:
         problem = find_problem(self)
@@ -209,7 +212,31 @@ def find_problem(config: DaemonConfig) -> tuple[str, str] | None:
             return key, "must be an absolute path"
     if len(os.fsencode(config.control_socket)) > MAX_SOCKET_PATH_BYTES:
         return "control_socket", f"must be at most {MAX_SOCKET_PATH_BYTES} bytes long (the Unix socket path limit)"
+    if config.metrics_address is not None:
+        try:
+            parse_host_port(config.metrics_address)
+        except ValueError as exc:
+            return "metrics_address", str(exc)
     return None
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[IPv6]:PORT" into host and port; raise ValueError.
+
+    The port must be 1 to 65535, because a scraper needs a fixed port.
+    """
+    host, separator, port_text = address.rpartition(":")
+    if not separator or not host:
+        raise ValueError("must be HOST:PORT, for example 127.0.0.1:9477")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError("must put an IPv6 host in brackets, for example [::1]:9477")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("must put an IPv6 host in brackets, for example [::1]:9477")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("must end with a port from 1 to 65535")
+    return host, int(port_text)
 
 
 def _store_url_problem(url: str) -> str | None:

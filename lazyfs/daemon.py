@@ -9,15 +9,20 @@ the tiers and returns exit status 0. Its steps, each a function here:
    lazily unmounted. A live mount is an error.
 2. ``open_configured_store``, ``build_tiers`` (RAM, disk, store) and ``build_tree``.
 3. ``mount``: pyfuse3.init with ``fuse_options``.
-4. ``_serve``: pyfuse3.main, the control socket and the signal watcher in one
-   trio nursery; ``notify_ready`` is called once all three run.
+4. ``_serve``: pyfuse3.main, the control socket, the signal watcher and, when
+   configured, the metrics endpoint and the systemd watchdog in one trio
+   nursery. ``notify_ready`` is called once they all run, and READY=1 goes to
+   systemd at the same point. ``lazyfs.notify`` sends nothing when
+   $NOTIFY_SOCKET is unset. STOPPING=1 follows the first SIGTERM or SIGINT,
+   or the end of the FUSE session when the mount was unmounted from outside.
 
 ``start_background`` runs the same daemon detached (``python -m lazyfs.daemon``
 forks once more, in a new session, output appended to the log file) and
 returns its pid once the mount serves. The daemon gets its configuration as
 JSON on stdin and reports on a readiness pipe, one line each: "pid N", then
 "ready" or "failed CODE". If it exits or times out first, the error carries
-the tail of its log.
+the tail of its log. It does not inherit $NOTIFY_SOCKET or the watchdog
+variables, because it is not the main process of the caller's service.
 """
 
 from __future__ import annotations
@@ -39,12 +44,13 @@ import lmdb
 import pyfuse3
 import trio
 
-from . import refs
+from . import notify, refs
 from .config import DaemonConfig, from_dict, to_dict
 from .control import ControlClient, ControlServer
 from .errors import ControlError, DaemonError, LazyfsError
 from .fuse_ops import Operations
 from .lmdb_tier import LmdbTier
+from .metrics import FuseMetrics, MetricsServer, build_registry
 from .store import Store, StoreOptions, open_store
 from .store_tier import StoreTier
 from .tiers import RamTier, Tier, TierChain
@@ -59,6 +65,8 @@ LOG_TAIL_BYTES = 4000
 # The type /proc/self/mountinfo shows for our mounts ("fsname=lazyfs,subtype=lazyfs").
 FILESYSTEM_TYPE = "fuse.lazyfs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Service manager variables that a background daemon must not inherit.
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def configure_logging(level: str) -> None:
@@ -309,9 +317,10 @@ async def _main(config: DaemonConfig, notify_ready: Callable[[], None] | None) -
         chain = build_tiers(config, store)
         try:
             tree = build_tree(config, store, chain)
-            mount(Operations(tree), config)
+            fuse_metrics = FuseMetrics() if config.metrics_address is not None else None
+            mount(Operations(tree, fuse_metrics), config)
             try:
-                await _serve(config, store, tree, chain, notify_ready)
+                await _serve(config, store, tree, chain, notify_ready, fuse_metrics)
             finally:
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", config.mountpoint)
@@ -322,16 +331,47 @@ async def _main(config: DaemonConfig, notify_ready: Callable[[], None] | None) -
 
 
 async def _serve(config: DaemonConfig, store: Store, tree: Tree, chain: TierChain,
-                 notify_ready: Callable[[], None] | None) -> None:
+                 notify_ready: Callable[[], None] | None, fuse_metrics: FuseMetrics | None) -> None:
     status = status_reporter(config, store, tree, chain, time.time_ns())
     control = ControlServer(config.control_socket, status, image_handlers(store, tree))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.serve)
-        await nursery.start(_watch_signals, nursery.cancel_scope)
-        nursery.start_soon(_run_fuse, config, nursery.cancel_scope)
-        if notify_ready is not None:
-            notify_ready()
-        log.info("serving %s", config.mountpoint)
+    stop_notice = _StopNotice()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve)
+            if config.metrics_address is not None:
+                metrics_server = MetricsServer(config.metrics_address, build_registry(status, fuse_metrics))
+                await nursery.start(metrics_server.serve)
+            await nursery.start(_watch_signals, nursery.cancel_scope, stop_notice)
+            nursery.start_soon(_run_fuse, config, nursery.cancel_scope)
+            watchdog_interval_s = notify.watchdog_interval_s()
+            if watchdog_interval_s is not None:
+                nursery.start_soon(_ping_watchdog, watchdog_interval_s / 2)
+            if notify_ready is not None:
+                notify_ready()
+            notify.ready(f"serving {config.mountpoint}")
+            log.info("serving %s", config.mountpoint)
+    finally:
+        stop_notice.send()
+
+
+class _StopNotice:
+    """STOPPING=1 for the service manager, sent once when shutdown begins."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            notify.stopping()
+
+
+async def _ping_watchdog(period_s: float) -> None:
+    """Send WATCHDOG=1 every ``period_s`` seconds until cancelled."""
+    log.info("sending systemd watchdog keep-alives every %g s", period_s)
+    while True:
+        notify.watchdog()
+        await trio.sleep(period_s)
 
 
 async def _run_fuse(config: DaemonConfig, cancel_scope: trio.CancelScope) -> None:
@@ -340,7 +380,8 @@ async def _run_fuse(config: DaemonConfig, cancel_scope: trio.CancelScope) -> Non
     cancel_scope.cancel()
 
 
-async def _watch_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _watch_signals(cancel_scope: trio.CancelScope, stop_notice: _StopNotice, *,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """End the FUSE session on the first SIGTERM or SIGINT; stop waiting for requests on the second."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -348,6 +389,7 @@ async def _watch_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TAS
         async for signum in signals:
             if not terminated:
                 log.info("received %s; unmounting", signal.Signals(signum).name)
+                stop_notice.send()
                 pyfuse3.terminate()
                 terminated = True
             else:
@@ -413,7 +455,7 @@ def start_background(config: DaemonConfig, config_path: str | Path | None = None
             launcher = subprocess.Popen(
                 [sys.executable, "-m", "lazyfs.daemon", "--ready-fd", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
-                pass_fds=(write_fd,), start_new_session=True)
+                pass_fds=(write_fd,), start_new_session=True, env=_environment_without_notify())
         os.close(write_fd)
         write_fd = -1
         payload = {"config": to_dict(config), "source": str(config_path or "start_background")}
@@ -430,6 +472,10 @@ def start_background(config: DaemonConfig, config_path: str | Path | None = None
             os.close(write_fd)
     log.info("lazyfs daemon %d serves %s (log: %s)", pid, config.mountpoint, log_path)
     return pid
+
+
+def _environment_without_notify() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in NOTIFY_VARIABLES}
 
 
 def _read_line(read_fd: int, deadline: float) -> bytes | None:

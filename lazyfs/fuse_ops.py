@@ -27,12 +27,15 @@ import functools
 import logging
 import os
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pyfuse3
 
 from .errors import ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, StoreError
 from .tree import Attributes, Tree
+
+if TYPE_CHECKING:
+    from .metrics import FuseMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +68,49 @@ class _ErrorLog:
 
 
 def _translate_errors(handler):
-    """Turn every exception of a handler into FUSEError; see the module docstring."""
+    """Turn every exception of a handler into FUSEError; see the module docstring.
+
+    With ``Operations.metrics`` set, the wrapper also records each request's
+    handler time and errno there.
+    """
 
     @functools.wraps(handler)
     async def wrapper(self: "Operations", *args):
+        if self.metrics is None:
+            return await _call_translated(handler, self, args)
+        started = time.perf_counter()
+        error = None
         try:
-            return await handler(self, *args)
-        except pyfuse3.FUSEError:
+            return await _call_translated(handler, self, args)
+        except pyfuse3.FUSEError as exc:
+            error = exc.errno
             raise
-        except FilesystemError as exc:
-            log.debug("%s%r: %s", handler.__name__, args[:2], exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except ChunkReadError as exc:
-            level = logging.ERROR if self.error_log.should_log(exc.address) else logging.DEBUG
-            log.log(level, "%s of inode %s failed with EIO: image %s, chunk %s: %s",
-                    handler.__name__, args[0] if args else "-", exc.image_digest,
-                    exc.address.hex(), exc.__cause__ or exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except (StoreError, IndexFormatError, IntegrityError) as exc:
-            log.error("%s%r failed with EIO: %s", handler.__name__, args[:2], exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s%r; returning EIO", handler.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.metrics.observe(handler.__name__, time.perf_counter() - started, error)
 
     return wrapper
+
+
+async def _call_translated(handler, self: "Operations", args: tuple):
+    try:
+        return await handler(self, *args)
+    except pyfuse3.FUSEError:
+        raise
+    except FilesystemError as exc:
+        log.debug("%s%r: %s", handler.__name__, args[:2], exc)
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except ChunkReadError as exc:
+        level = logging.ERROR if self.error_log.should_log(exc.address) else logging.DEBUG
+        log.log(level, "%s of inode %s failed with EIO: image %s, chunk %s: %s",
+                handler.__name__, args[0] if args else "-", exc.image_digest,
+                exc.address.hex(), exc.__cause__ or exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except (StoreError, IndexFormatError, IntegrityError) as exc:
+        log.error("%s%r failed with EIO: %s", handler.__name__, args[:2], exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except Exception:
+        log.exception("unexpected error in %s%r; returning EIO", handler.__name__, args[:2])
+        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 def _read_only(handler):
@@ -109,10 +130,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree):
+    def __init__(self, tree: Tree, metrics: FuseMetrics | None = None):
         super().__init__()
         self.tree = tree
         self.error_log = _ErrorLog()
+        self.metrics = metrics
 
     def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
