@@ -5,6 +5,7 @@ One module per step of the pipeline:
 - ``source``      parse a SOURCE argument into an image source
 - ``oci_layout``  an OCI image layout directory as a source
 - ``registry``    a distribution (registry API v2) client as a source
+- ``docker_archive`` a ``docker save`` archive as a source
 - ``mediatypes``  the manifest, config and layer media types understood
 - ``manifest``    manifests, image indexes, platform selection, image config
 - ``verify``      readers that check a blob's size and SHA-256 while streaming

@@ -48,6 +48,7 @@ SOURCE is one of:
   oci:DIR[:TAG|@DIGEST]                    an OCI image layout directory
   DIR                                      the same; the tag comes from --tag
   docker://HOST[:PORT]/REPO[:TAG|@DIGEST]  a registry; the tag defaults to latest
+  docker-archive:PATH[:REPO:TAG]           a docker save archive (uncompressed tar)
 
 exit codes:
   0  indexed and published
@@ -92,12 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--plain-http", action="store_true",
                           help="use HTTP instead of HTTPS; allowed only for loopback hosts "
                                "(127.0.0.0/8, ::1, localhost)")
-    registry.add_argument("--username", help="registry user name; needs --password-stdin")
+    registry.add_argument("--username", help="registry user name; needs --password-stdin (default: the "
+                                              "registry's auths entry in $DOCKER_CONFIG/config.json "
+                                              "or ~/.docker/config.json, if any)")
     registry.add_argument("--password-stdin", action="store_true",
                           help="read the registry password from standard input")
     registry.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
-                          help="timeout of each registry connect and read, in seconds "
-                               "(default: %(default)s)")
+                          help="time limit of each registry request, connect and whole response, "
+                               "in seconds; a blob that misses it is resumed (default: %(default)s)")
+    registry.add_argument("--retries", type=_non_negative_int, default=5, metavar="N",
+                          help="retries of a failed registry request, and resumes of a broken blob "
+                               "download, with exponential backoff (default: %(default)s)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -117,6 +123,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
     return value
 
 
@@ -171,7 +184,8 @@ def run(args: argparse.Namespace) -> IndexResult:
     if args.password_stdin:
         password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     registry_options = RegistryOptions(plain_http=args.plain_http, username=args.username,
-                                       password=password, timeout_s=args.timeout)
+                                       password=password, timeout_s=args.timeout,
+                                       retries=args.retries)
     for name in args.names or ():
         try:
             check_name(name)

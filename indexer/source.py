@@ -9,6 +9,7 @@ SOURCE forms::
     oci:DIR[:TAG|@DIGEST]                  an OCI image layout directory
     DIR                                    the same, with the tag from --tag
     docker://HOST[:PORT]/REPO[:TAG|@DIGEST]  a registry (distribution API v2)
+    docker-archive:PATH[:REPO:TAG]         a ``docker save`` archive
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def open_source(text: str, tag: str | None = None, registry_options=None) -> Sou
 
         return RegistrySource.from_reference(text, registry_options or RegistryOptions())
 
+    if text.startswith("docker-archive:"):
+        if tag is not None:
+            raise UsageError("--tag applies to OCI layouts; use docker-archive:PATH:REPO:TAG")
+        from .docker_archive import DockerArchiveSource, parse_archive_reference
+
+        return DockerArchiveSource(*parse_archive_reference(text))
+
     from .oci_layout import OciLayoutSource
 
     if text.startswith("oci:"):
@@ -93,9 +101,11 @@ def open_source(text: str, tag: str | None = None, registry_options=None) -> Sou
             raise UsageError(f"both --tag and a reference in {text!r}: give one of them")
         return OciLayoutSource(directory, reference_tag or tag, digest)
     if "://" in text:
-        raise UsageError(f"unsupported source {text!r}: use oci:DIR[:TAG] or docker://HOST/REPO[:TAG]")
+        raise UsageError(f"unsupported source {text!r}: use oci:DIR[:TAG] or docker://HOST/REPO[:TAG] "
+                         "or docker-archive:PATH[:REPO:TAG]")
     if not os.path.isdir(text):
-        raise UsageError(f"source {text!r} is not a directory: use oci:DIR[:TAG] or docker://HOST/REPO[:TAG]")
+        raise UsageError(f"source {text!r} is not a directory: use oci:DIR[:TAG] or docker://HOST/REPO[:TAG] "
+                         "or docker-archive:PATH[:REPO:TAG]")
     return OciLayoutSource(text, tag, None)
 
 

@@ -90,7 +90,7 @@ def test_unreachable_registry_is_source_error(tmp_path):
     port = free_port()
 
     run = oci.run_indexer("--store", (tmp_path / "store").as_uri(), "--plain-http", "--timeout", "2",
-                          f"docker://127.0.0.1:{port}/lazyfs/test:v1")
+                          "--retries", "2", f"docker://127.0.0.1:{port}/lazyfs/test:v1")
 
     assert run.code == 4
     assert run.stderr.startswith(f"lazyfs-index: error: manifest 127.0.0.1:{port}/lazyfs/test:v1: "

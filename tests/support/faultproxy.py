@@ -5,11 +5,22 @@ script is used up):
 
 - ``pass``:  forward the request to the upstream server and relay its response;
 - ``503`` (or any 3-digit status): answer with that status and an S3 error body;
+- ``429 Retry-After: 1`` (a status, then one header line): the same, with that header;
 - ``slowdown``: answer 503 with the S3 ``SlowDown`` error code;
 - ``reset``: close the connection without a response;
-- ``stall``: read the request and never answer (until the proxy stops).
+- ``stall``: read the request and never answer (until the proxy stops);
+- ``cut N``: forward, send the headers and the first N bytes of the body, then
+  reset the connection;
+- ``trickle``: forward, then send the body one byte a second (until the
+  client disconnects or the proxy stops);
+- ``unauthorized``: forward without the request's Authorization header;
+- ``ignore-range``: forward without the request's Range header;
+- ``wrong-range``: forward without the Range header and relay the whole body
+  as a 206 whose Content-Range starts at byte 0.
 
-``requests`` records (method, path, action) for every request received.
+``requests`` records (method, path, action) for every request received,
+``request_headers`` the headers of each, and ``statuses`` the status line
+code sent for each request that got one.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import http.client
 import http.server
 import socket
 import socketserver
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -32,6 +44,14 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that closes a connection with unread data makes the kernel
+        # send a reset. That is normal here, and the base class would print a
+        # traceback to sys.stderr, which a test may be capturing at the time.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class FaultProxy:
     """A context manager: the proxy listens on ``endpoint_url`` while the block runs."""
@@ -42,6 +62,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.requests: list[tuple[str, str, str]] = []
+        self.request_headers: list[dict[str, str]] = []
+        self.statuses: list[int] = []
         self._server = _Server((LOOPBACK, 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -54,10 +76,11 @@ class FaultProxy:
         with self._lock:
             self._script = deque(actions)
 
-    def _next_action(self, method: str, path: str) -> str:
+    def _next_action(self, method: str, path: str, headers: dict[str, str]) -> str:
         with self._lock:
             action = self._script.popleft() if self._script else "pass"
             self.requests.append((method, path, action))
+            self.request_headers.append(headers)
             return action
 
     def __enter__(self) -> "FaultProxy":
@@ -79,10 +102,15 @@ class FaultProxy:
             def log_message(self, format, *args):  # noqa: A002 - the base class names it so
                 pass
 
+            def send_response(self, code, message=None):
+                with proxy._lock:
+                    proxy.statuses.append(code)
+                super().send_response(code, message)
+
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                action = proxy._next_action(self.command, self.path)
+                action = proxy._next_action(self.command, self.path, dict(self.headers.items()))
                 if action == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.close_connection = True
@@ -95,40 +123,84 @@ class FaultProxy:
                 if action == "slowdown":
                     self._error(503, "SlowDown")
                     return
-                if action.isdigit():
-                    self._error(int(action), "InternalError" if action.startswith("5") else "Error")
+                status, _, header = action.partition(" ")
+                if status.isdigit():
+                    name, _, value = header.partition(":")
+                    extra = {name.strip(): value.strip()} if header else {}
+                    self._error(int(status), "InternalError" if status.startswith("5") else "Error", extra)
                     return
-                self._forward(body)
+                if status == "cut":
+                    self._forward(body, cut_after=int(header))
+                    return
+                if action in ("unauthorized", "ignore-range", "wrong-range"):
+                    dropped = {"unauthorized": "authorization"}.get(action, "range")
+                    self._forward(body, drop_header=dropped, whole_as_partial=action == "wrong-range")
+                    return
+                self._forward(body, trickle=action == "trickle")
 
-            def _error(self, status: int, code: str) -> None:
+            def _error(self, status: int, code: str, headers: dict[str, str] | None = None) -> None:
                 payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
                            f"<Message>injected by the test proxy</Message></Error>").encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, cut_after: int | None = None, trickle: bool = False,
+                         drop_header: str | None = None, whole_as_partial: bool = False) -> None:
                 connection = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     headers = {name: value for name, value in self.headers.items()
-                               if name.lower() not in _HOP_BY_HOP}
+                               if name.lower() not in _HOP_BY_HOP and name.lower() != drop_header}
                     connection.request(self.command, self.path, body=body, headers=headers)
                     response = connection.getresponse()
                     payload = response.read()
                 finally:
                     connection.close()
-                self.send_response(response.status)
+                status = response.status
+                if whole_as_partial and status == 200:
+                    status = 206
+                self.send_response(status)
                 for name, value in response.getheaders():
-                    if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    if name.lower() not in _HOP_BY_HOP and name.lower() not in ("content-length", "content-range"):
                         self.send_header(name, value)
+                    elif name.lower() == "content-range" and not whole_as_partial:
+                        self.send_header(name, value)
+                if whole_as_partial:
+                    self.send_header("Content-Range", f"bytes 0-{len(payload) - 1}/{len(payload)}")
                 self.send_header("Content-Length", str(len(payload) if self.command != "HEAD"
                                                         else response.getheader("Content-Length", "0")))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                if cut_after is not None:
+                    self.wfile.write(payload[:cut_after])
+                    self.wfile.flush()
+                    self._reset()
+                elif trickle:
+                    self._trickle(payload)
+                else:
                     self.wfile.write(payload)
+
+            def _reset(self) -> None:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.close_connection = True
+                self.connection.close()
+
+            def _trickle(self, payload: bytes) -> None:
+                self.close_connection = True
+                for position in range(len(payload)):
+                    try:
+                        self.wfile.write(payload[position:position + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if proxy._stop.wait(1.0):
+                        return
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
 
