@@ -36,6 +36,9 @@ image name, a manifest digest (``sha256:...``) or an index digest.
 ``{"index", "config", "source", "files", "size_bytes"}``, where ``config`` is
 the image config the runtime needs (Entrypoint, Cmd, Env, WorkingDir, User).
 
+``{"op": "sync"}`` returns ``{}`` once every queued background write to the
+disk tier has finished.
+
 Any other request, and any request that fails, returns ``{"error": "<message>"}``.
 
 Access: the socket is created with mode 0600 in a directory that is created

@@ -254,7 +254,7 @@ def status_reporter(config: DaemonConfig, store: Store, tree: Tree, chain: TierC
 
 
 def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
-    """Return the control socket's ``resolve`` and ``image`` request handlers."""
+    """Return the control socket's ``resolve``, ``image`` and ``sync`` request handlers."""
 
     async def resolve(request: dict[str, Any]) -> dict[str, Any]:
         reference = request.get("reference")
@@ -276,7 +276,12 @@ def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
         return {"index": digest, "config": config.get("config", {}), "source": config.get("source", {}),
                 "files": attached.file_count, "size_bytes": attached.size_bytes}
 
-    return {"resolve": resolve, "image": image}
+    async def sync(_request: dict[str, Any]) -> dict[str, Any]:
+        # Background fills of the disk tier land before the response.
+        await tree.chain.wait_for_fills()
+        return {}
+
+    return {"resolve": resolve, "image": image, "sync": sync}
 
 
 # ---------------------------------------------------------------------------

@@ -106,6 +106,8 @@ def checksum(address: bytes, data: bytes | memoryview) -> bytes:
 class LmdbTier(Tier):
     """Verified chunks on local disk that survive restarts; see the module docstring."""
 
+    fill_in_background = True
+
     def __init__(self, path: str | Path, capacity_bytes: int, *, map_size_bytes: int | None = None,
                  name: str = "disk", read_concurrency: int = 4):
         super().__init__()
@@ -265,6 +267,25 @@ class LmdbTier(Tier):
             self.counters["rejected"] += 1
             return
         await self._write(lambda txn, tick, counts: self._insert(txn, tick, address, data, counts))
+
+    async def put_many(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        """Store several chunks in one write transaction."""
+        if self._closed:
+            raise RuntimeError(f"disk cache {self.path} is closed")
+        accepted = []
+        for address, data in chunks:
+            if CHECKSUM_BYTES + len(data) > self.capacity_bytes:
+                self.counters["rejected"] += 1
+            else:
+                accepted.append((address, data))
+        if not accepted:
+            return
+
+        def insert_all(txn: lmdb.Transaction, tick: bytes, counts: Counter) -> None:
+            for address, data in accepted:
+                self._insert(txn, tick, address, data, counts)
+
+        await self._write(insert_all)
 
     async def _write(self, step: WriteStep | None) -> None:
         async with self._write_lock:

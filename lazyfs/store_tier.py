@@ -32,6 +32,7 @@ class StoreTier(Tier):
     """
 
     remote = True
+    fill_in_background = True
 
     def __init__(self, store: Store, *, name: str = "store", fetch_concurrency: int = 16,
                  fetch_timeout_s: float = 30.0, missing_is_miss: bool = False):

@@ -5,6 +5,7 @@ the chunk's uncompressed bytes::
 
     await tier.get(address) -> bytes | None   None is a miss
     await tier.put(address, data)             data has already been verified
+    await tier.put_many([(address, data)])    several puts, at once where the tier can
     tier.stats() -> dict[str, int]            counters for the control socket
     await tier.aclose()                       flush and release resources
 
@@ -14,16 +15,24 @@ outside the process, and it verifies them against their address before it
 returns them, so no tier is ever handed unverified bytes.
 
 ``TierChain`` queries its tiers nearest first. When tier k has the chunk, the chain
-puts it into tiers 0..k-1 before returning, so the next read is served nearer.
-A nearer store is filled from a farther one the same way. Concurrency rules,
-all within one trio run:
+puts it into tiers 0..k-1, so the next read is served nearer. A nearer store is
+filled from a farther one the same way. Tiers whose ``fill_in_background`` is
+false (the RAM tier) are filled before the reader gets the chunk. The others
+(the LMDB tier, stores) are filled by one background task, so no reader waits
+for a disk write or an upload. Concurrency rules, all within one trio run:
 
 - At most one fetch of an address runs at a time. Readers that arrive while it
   runs wait for it and share its result or its error. If the fetching task is
   cancelled, one of the waiters starts a new fetch.
-- The fills happen before the waiters wake up, so a reader that arrives after a
-  fetch finds the chunk in the nearest tier, unless that tier declined or
-  already evicted it, and starts no second fetch.
+- The foreground fills happen before the waiters wake up, so a reader that
+  arrives after a fetch finds the chunk in the nearest tier, unless that tier
+  declined or already evicted it, and starts no second fetch. A chunk waiting
+  for a background fill is served from the fill queue too.
+- Background fills wait in a queue of ``fill_queue_size`` chunks. A fill that
+  finds the queue full is dropped and counted in ``fills_dropped``: the chunk
+  is still served, and a later read fetches it again. The worker starts with
+  the first background fill, as a trio system task, and ``aclose`` lets it
+  finish the queue before it closes the tiers.
 - A definite failure (bytes that do not match their address, or a chunk the
   last store does not have) is remembered for ``failure_ttl_s`` seconds, and
   reads of that address fail at once instead of refetching. Temporary failures
@@ -32,6 +41,7 @@ all within one trio run:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter, OrderedDict
 from typing import NamedTuple
@@ -44,6 +54,13 @@ from .refs import chunk_key
 log = logging.getLogger(__name__)
 
 DEFAULT_FAILURE_TTL_S = 10.0
+
+# Chunks that may wait for a background fill. Chunks are about 1 MiB, so a full
+# queue adds roughly this many MiB to the memory that the tiers use.
+DEFAULT_FILL_QUEUE_SIZE = 64
+
+# Queued fills written to one tier in one put_many call, at most.
+FILL_BATCH_CHUNKS = 16
 
 # A store that timed out or kept failing is asked again after this long. The
 # kernel retries a failed readahead as a single-page read right away, which
@@ -60,6 +77,9 @@ class Tier:
     name: str = "tier"
     # True for tiers whose bytes come from outside this machine (stores).
     remote: bool = False
+    # True for tiers whose put is slow (a disk write, an upload): the chain then
+    # fills them after the reader has the chunk.
+    fill_in_background: bool = False
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
@@ -71,6 +91,11 @@ class Tier:
     async def put(self, address: bytes, data: bytes) -> None:
         """Store verified chunk bytes; a tier may decline to keep them."""
         raise NotImplementedError
+
+    async def put_many(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        """Store several verified (address, data) chunks; a tier may write them at once."""
+        for address, data in chunks:
+            await self.put(address, data)
 
     def stats(self) -> dict[str, int]:
         """Return a snapshot of this tier's counters and gauges."""
@@ -153,17 +178,31 @@ class _Flight:
 class TierChain:
     """Tiers asked nearest first, with single-flight fetches and fills on a miss."""
 
-    def __init__(self, tiers: list[Tier], failure_ttl_s: float = DEFAULT_FAILURE_TTL_S):
+    def __init__(self, tiers: list[Tier], failure_ttl_s: float = DEFAULT_FAILURE_TTL_S,
+                 fill_queue_size: int = DEFAULT_FILL_QUEUE_SIZE):
         if not tiers:
             raise ValueError("a tier chain needs at least one tier")
         names = [tier.name for tier in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique: {names}")
+        if fill_queue_size < 0:
+            raise ValueError(f"fill_queue_size must be >= 0, not {fill_queue_size}")
         self.tiers = list(tiers)
         self.failure_ttl_s = failure_ttl_s
+        self.fill_queue_size = fill_queue_size
         self.counters: Counter[str] = Counter()
         self._flights: dict[bytes, _Flight] = {}
         self._failures: dict[bytes, tuple[float, Exception]] = {}
+        # Chunks queued for a background fill, by address, each with the
+        # tiers still to fill; a fetch of a queued address is served from here.
+        self._fill_queue: OrderedDict[bytes, tuple[bytes, list[Tier]]] = OrderedDict()
+        self._fill_wakeup = trio.Event()
+        self._fill_worker_running = False
+        self._fills_idle = trio.Event()
+        self._fills_idle.set()
+        # Set and replaced each time a queued fill finishes.
+        self._fill_progress = trio.Event()
+        self._closing = False
 
     async def get(self, address: bytes) -> bytes:
         """Return the chunk's verified bytes; raise StoreError or IntegrityError."""
@@ -212,15 +251,93 @@ class TierChain:
 
     async def _fetch_through_tiers(self, address: bytes) -> ChunkFetch:
         for position, tier in enumerate(self.tiers):
-            data = await tier.get(address)
+            data = self._queued_for(tier, address)
+            # A chunk from the fill queue did not cross the network again.
+            remote = tier.remote and data is None
+            if data is None:
+                data = await tier.get(address)
             if data is None:
                 continue
-            # NOTE: the reader waits for every fill, the disk tier's write
-            # transaction included; moving slow fills off the read path is open.
+            background = []
             for nearer in self.tiers[:position]:
-                await self._fill(nearer, address, data)
-            return ChunkFetch(data, tier.name, tier.remote, False)
+                if nearer.fill_in_background:
+                    background.append(nearer)
+                else:
+                    await self._fill(nearer, address, data)
+            if background:
+                self._queue_fill(address, data, background)
+            return ChunkFetch(data, tier.name, remote, False)
         raise ObjectNotFound(chunk_key(address))
+
+    def _queued_for(self, tier: Tier, address: bytes) -> bytes | None:
+        """Return the chunk if it waits in the fill queue for ``tier``, else None."""
+        queued = self._fill_queue.get(address)
+        if queued is None or tier not in queued[1]:
+            return None
+        self.counters["fill_queue_hits"] += 1
+        return queued[0]
+
+    def _queue_fill(self, address: bytes, data: bytes, tiers: list[Tier]) -> None:
+        if address in self._fill_queue:
+            return
+        if self._closing or len(self._fill_queue) >= self.fill_queue_size:
+            self.counters["fills_dropped"] += 1
+            return
+        self._fill_queue[address] = (data, tiers)
+        self.counters["fills_queued"] += 1
+        if self._fills_idle.is_set():
+            self._fills_idle = trio.Event()
+        self._fill_wakeup.set()
+        if not self._fill_worker_running:
+            self._fill_worker_running = True
+            trio.lowlevel.spawn_system_task(self._run_fill_worker, name="lazyfs tier fills")
+
+    async def _run_fill_worker(self) -> None:
+        # A system task: an exception escaping it would end the whole trio run,
+        # and _fill_batch catches every Exception of a tier.
+        try:
+            while True:
+                while self._fill_queue:
+                    batch = list(itertools.islice(self._fill_queue.items(), FILL_BATCH_CHUNKS))
+                    try:
+                        await self._fill_batch(batch)
+                    finally:
+                        # Served from the queue until every tier has them.
+                        for address, _queued in batch:
+                            del self._fill_queue[address]
+                        self._fill_progress.set()
+                        self._fill_progress = trio.Event()
+                self._fills_idle.set()
+                if self._closing:
+                    return
+                self._fill_wakeup = trio.Event()
+                await self._fill_wakeup.wait()
+        finally:
+            self._fill_worker_running = False
+            self._fills_idle.set()
+
+    async def wait_for_fill_room(self) -> None:
+        """Wait until the fill queue has room, so that a prefetch does not outrun the fills."""
+        while len(self._fill_queue) >= self.fill_queue_size and self._fill_worker_running:
+            await self._fill_progress.wait()
+
+    async def wait_for_fills(self) -> None:
+        """Wait until every queued background fill has finished."""
+        while self._fill_queue and self._fill_worker_running:
+            await self._fills_idle.wait()
+
+    async def _fill_batch(self, batch: list[tuple[bytes, tuple[bytes, list[Tier]]]]) -> None:
+        """Write queued chunks to their tiers, one put_many call per tier."""
+        for tier in self.tiers:
+            chunks = [(address, data) for address, (data, tiers) in batch if tier in tiers]
+            if not chunks:
+                continue
+            try:
+                await tier.put_many(chunks)
+            except Exception:
+                self.counters["fill_errors"] += len(chunks)
+                log.warning("filling tier %s with %d chunks failed", tier.name, len(chunks),
+                            exc_info=True)
 
     async def _fill(self, tier: Tier, address: bytes, data: bytes) -> None:
         # A cache that cannot keep a chunk costs a later refetch, never this read.
@@ -252,14 +369,22 @@ class TierChain:
         return {tier.name: tier.stats() for tier in self.tiers}
 
     def chain_stats(self) -> dict[str, int]:
-        """Return the chain's own counters: joined flights, fast failures, failed fills."""
-        result = {"joined": 0, "failed_fast": 0, "fill_errors": 0}
+        """Return the chain's own counters: joined flights, fast failures, fills."""
+        result = {"joined": 0, "failed_fast": 0, "fill_errors": 0, "fills_queued": 0,
+                  "fills_dropped": 0, "fill_queue_hits": 0}
         result.update(self.counters)
         result["in_flight"] = len(self._flights)
+        result["fill_queue"] = len(self._fill_queue)
         return result
 
     async def aclose(self) -> None:
-        """Close every tier, nearest first; an error in one does not skip the others."""
+        """Finish the queued fills, then close every tier, nearest first.
+
+        An error in one tier does not skip the others.
+        """
+        self._closing = True
+        self._fill_wakeup.set()
+        await self.wait_for_fills()
         for tier in self.tiers:
             try:
                 await tier.aclose()

@@ -21,6 +21,14 @@ are never reused while the tree exists, so inode numbers are stable for the
 life of the mount, hardlinks share one number (the index gives them one inode)
 and readdir reports the same numbers as getattr.
 
+Read-ahead: a read that starts where the previous read of the same inode ended
+is sequential. When a sequential reader moves on to a new chunk, background
+tasks (trio system tasks) fetch the next chunks of the file. At most
+``prefetch_concurrency`` of them fetch at a time, so they never take every
+store request slot from demand reads. A demand read of a chunk that a prefetch is
+fetching joins that fetch. A failed prefetch is counted and otherwise
+ignored, because the demand read of that chunk reports the error.
+
 Errors: a request that fails for a definite reason raises FilesystemError with
 its errno. A read that cannot get a chunk raises ChunkReadError. A failed index
 load raises the store's StoreError or IndexFormatError.
@@ -35,7 +43,7 @@ import os
 import re
 import stat
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -65,6 +73,16 @@ STATFS_BLOCK_SIZE = 4096
 NAME_MAX = 255
 
 _DIGEST_NAME = re.compile(rb"[0-9a-f]{64}")
+
+# Read-ahead: chunks fetched ahead of a sequential reader, and how many
+# prefetches may use store requests at once. Keep the concurrency below the
+# store tier's fetch_concurrency, so that demand reads always find a free slot.
+DEFAULT_READAHEAD_CHUNKS = 2
+DEFAULT_PREFETCH_CONCURRENCY = 4
+# Prefetches waiting for a slot beyond this many are dropped.
+MAX_WAITING_PREFETCHES = 64
+# Files whose read position is tracked; the least recently read is forgotten first.
+MAX_READ_STREAMS = 4096
 
 
 @dataclass(frozen=True)
@@ -118,9 +136,25 @@ class Image:
         result = {"base_inode": self.base, "inodes": self.index.inode_count,
                   "size_bytes": self.size_bytes, "chunks": self.index.chunk_count,
                   "attached_at_ns": self.attached_at_ns, "reads": 0, "bytes_read": 0,
-                  "chunk_reads": 0, "fetched_chunks": 0, "fetched_bytes": 0, "read_errors": 0}
+                  "chunk_reads": 0, "fetched_chunks": 0, "fetched_bytes": 0, "prefetched_chunks": 0,
+                  "read_errors": 0}
         result.update(self.counters)
         return result
+
+
+class _ReadStream:
+    """Read position of one file, for sequential read detection."""
+
+    __slots__ = ("end", "chunk", "chunk_changes", "ahead_end")
+
+    def __init__(self, end: int, chunk: int):
+        # File offset after the last read, and the chunk holding its last byte.
+        self.end = end
+        self.chunk = chunk
+        # How many times in a row a sequential read moved on to a new chunk.
+        self.chunk_changes = 0
+        # File offset up to which chunks were already prefetched.
+        self.ahead_end = 0
 
 
 class _Load:
@@ -140,9 +174,21 @@ class Tree:
     """The namespace of one mount: root, images/ and every attached image."""
 
     def __init__(self, store: Store, chain: TierChain, *, index_cache_dir: str | Path | None = None,
-                 index_timeout_s: float = 30.0, clock_ns: Callable[[], int] = time.time_ns):
+                 index_timeout_s: float = 30.0, clock_ns: Callable[[], int] = time.time_ns,
+                 readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
+                 prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY):
+        if readahead_chunks < 0:
+            raise ValueError(f"readahead_chunks must be >= 0, not {readahead_chunks}")
+        if prefetch_concurrency < 1:
+            raise ValueError(f"prefetch_concurrency must be >= 1, not {prefetch_concurrency}")
         self.store = store
         self.chain = chain
+        self.readahead_chunks = readahead_chunks
+        self._prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
+        self._streams: OrderedDict[int, _ReadStream] = OrderedDict()
+        self._prefetching: set[bytes] = set()
+        self._prefetches_idle = trio.Event()
+        self._prefetches_idle.set()
         self.index_cache_dir = Path(index_cache_dir) if index_cache_dir is not None else None
         self.index_timeout_s = index_timeout_s
         self.counters: Counter[str] = Counter()
@@ -379,10 +425,17 @@ class Tree:
         """Return per-image counters keyed by digest, for the control socket."""
         return {image.digest: image.status() for image in self._images}
 
+    def readahead_stats(self) -> dict[str, int]:
+        """Return the read-ahead counters: prefetches started, dropped and failed."""
+        result = {"prefetches": 0, "prefetches_dropped": 0, "prefetch_errors": 0}
+        result.update({name: value for name, value in self.counters.items() if name in result})
+        result["prefetching"] = len(self._prefetching)
+        return result
+
     def index_stats(self) -> dict[str, int]:
         """Return how many indexes came from the store and how many from the local cache."""
         result = {"index_fetches": 0, "index_cache_hits": 0}
-        result.update(self.counters)
+        result.update({name: value for name, value in self.counters.items() if name in result})
         return result
 
     # -- reads -------------------------------------------------------------
@@ -410,6 +463,8 @@ class Tree:
         if offset >= end:
             return b""
         extents = image.index.extents(local, offset, size)
+        if self.readahead_chunks:
+            self._read_ahead(image, inode, local, offset, end, extents)
         chunks = await self._fetch_chunks(image, sorted({extent.chunk for extent in extents}))
         pieces = []
         for extent in extents:
@@ -425,6 +480,100 @@ class Tree:
         image.counters["reads"] += 1
         image.counters["bytes_read"] += len(data)
         return data
+
+    # -- read-ahead ----------------------------------------------------------
+
+    def _read_ahead(self, image: Image, inode: int, local: int, offset: int, end: int,
+                    extents: list) -> None:
+        """Prefetch the chunks after a read that continues the previous read of the file.
+
+        A read is sequential when it starts where the previous read of the same
+        inode ended. Each time a sequential read moves on to a new chunk, the
+        next chunk is prefetched, and the next ``readahead_chunks`` once the
+        reader has moved on twice. Prefetches run in the background, at most
+        ``prefetch_concurrency`` at a time.
+        """
+        # NOTE: the position is tracked per inode, not per open file, so two
+        # processes reading one file at different offsets mostly get none.
+        last = extents[-1]
+        stream = self._streams.pop(inode, None)
+        if stream is None or stream.end != offset:
+            self._remember_stream(inode, _ReadStream(end, last.chunk))
+            return
+        self._remember_stream(inode, stream)
+        stream.end = end
+        if last.chunk == stream.chunk:
+            return
+        stream.chunk = last.chunk
+        stream.chunk_changes += 1
+        count = 1 if stream.chunk_changes < 2 else self.readahead_chunks
+        position = max(last.file_offset + last.length, stream.ahead_end)
+        for extent in self._next_extents(image, local, position, count):
+            self._start_prefetch(image, extent.chunk)
+            stream.ahead_end = extent.file_offset + extent.length
+
+    def _remember_stream(self, inode: int, stream: _ReadStream) -> None:
+        self._streams[inode] = stream
+        if len(self._streams) > MAX_READ_STREAMS:
+            self._streams.popitem(last=False)
+
+    def _next_extents(self, image: Image, local: int, position: int, count: int) -> list:
+        """Return up to ``count`` extents of a file from ``position`` on, one per new chunk."""
+        result = []
+        size = image.index.inode(local).size
+        while len(result) < count and position < size:
+            extent = image.index.extents(local, position, 1)[0]
+            if extent.chunk not in {chosen.chunk for chosen in result}:
+                result.append(extent)
+            position = extent.file_offset + extent.length
+        return result
+
+    def _start_prefetch(self, image: Image, number: int) -> None:
+        address, _length = image.index.chunk(number)
+        if address in self._prefetching:
+            return
+        if self._prefetch_limiter.statistics().tasks_waiting >= MAX_WAITING_PREFETCHES:
+            self.counters["prefetches_dropped"] += 1
+            return
+        self._prefetching.add(address)
+        self.counters["prefetches"] += 1
+        if self._prefetches_idle.is_set():
+            self._prefetches_idle = trio.Event()
+        trio.lowlevel.spawn_system_task(self._prefetch, image, number, address,
+                                        name="lazyfs prefetch")
+
+    async def _prefetch(self, image: Image, number: int, address: bytes) -> None:
+        # A system task: nothing may escape it, or the whole trio run ends.
+        try:
+            async with self._prefetch_limiter:
+                # A prefetch waits for the background fills instead of
+                # outrunning them, which would make the chain drop fills.
+                await self.chain.wait_for_fill_room()
+                fetched = await self.chain.fetch(address)
+        except (StoreError, IntegrityError) as exc:
+            # The chain remembers definite failures, so the demand read of
+            # this chunk fails the same way and reports it.
+            self.counters["prefetch_errors"] += 1
+            log.debug("prefetching chunk %s of image %s failed: %s", address.hex(), image.digest, exc)
+        except Exception:
+            # For example a disk tier closed by a shutdown while this ran.
+            self.counters["prefetch_errors"] += 1
+            log.warning("prefetching chunk %s of image %s failed", address.hex(), image.digest,
+                        exc_info=True)
+        else:
+            if fetched.remote and not fetched.joined:
+                image.counters["prefetched_chunks"] += 1
+                image.counters["fetched_chunks"] += 1
+                image.counters["fetched_bytes"] += len(fetched.data)
+        finally:
+            self._prefetching.discard(address)
+            if not self._prefetching:
+                self._prefetches_idle.set()
+
+    async def wait_for_prefetches(self) -> None:
+        """Wait until no prefetch is running or waiting."""
+        while self._prefetching:
+            await self._prefetches_idle.wait()
 
     async def _fetch_chunks(self, image: Image, numbers: list[int]) -> dict[int, bytes]:
         if len(numbers) == 1:

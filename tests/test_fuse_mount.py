@@ -420,7 +420,7 @@ def test_control_unknown_op(daemon: DaemonProcess):
         first = json.loads(reader.readline())
         second = json.loads(reader.readline())
 
-    assert first == {"error": "unknown op 'reboot'; supported: status, image, resolve"}
+    assert first == {"error": "unknown op 'reboot'; supported: status, image, resolve, sync"}
     assert second["error"].startswith("invalid JSON request")
 
 
@@ -556,6 +556,7 @@ def test_cold_s3_then_warm_restart_from_disk(tmp_path: Path):
         with running_daemon(config, directory=tmp_path) as cold:
             for path, data in sample.files.items():
                 assert read_file(file_path(cold.image(sample.digest), path)) == data
+            ControlClient(cold.control_socket).request({"op": "sync"})
             status = cold.status()
             assert status["tiers"]["store"]["requests"] == 3
             assert status["tiers"]["disk"]["puts"] == 3

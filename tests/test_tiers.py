@@ -89,6 +89,17 @@ async def test_tier_put_twice_keeps_bytes(tier):
     assert await tier.get(address) == data
 
 
+async def test_tier_put_many_round_trip(tier):
+    chunks = [chunk(seed) for seed in (5, 6, 7)]
+
+    await tier.put_many(chunks)
+    for address, data in chunks:
+        assert await tier.get(address) == data
+    stats = tier.stats()
+    assert stats["hits"] == 3
+    assert stats["misses"] == 0
+
+
 async def test_tier_many_sizes_round_trip(tier):
     chunks = [chunk(seed, size) for seed, size in enumerate([1, 31, 4096, 65537, 2 * MiB], start=10)]
 
@@ -220,6 +231,7 @@ async def test_chain_fills_faster_tiers(tmp_path: Path):
     assert first.data == data
     assert first.source == "store"
     assert await ram.get(address) == data
+    await chain.wait_for_fills()
     assert await disk.get(address) == data
 
     second = await chain.fetch(address)
@@ -256,6 +268,7 @@ async def test_chain_near_store_filled_from_far(tmp_path: Path):
     ])
 
     fetched = await chain.fetch(address)
+    await chain.wait_for_fills()
 
     assert fetched.data == data
     assert fetched.source == "far"
@@ -330,6 +343,131 @@ async def test_chain_without_any_holder_raises_not_found(tmp_path: Path):
 
     with pytest.raises(ObjectNotFound):
         await chain.get(address)
+
+
+class GatedFillTier(RamTier):
+    """A RAM tier filled in the background whose puts wait until ``gate`` is set."""
+
+    fill_in_background = True
+
+    def __init__(self, name: str = "slow"):
+        super().__init__(64 * MiB, name=name)
+        self.gate = trio.Event()
+        self.puts_started = 0
+
+    async def put(self, address: bytes, data: bytes) -> None:
+        self.puts_started += 1
+        await self.gate.wait()
+        await super().put(address, data)
+
+
+async def test_chain_returns_before_background_fill(tmp_path: Path):
+    store = ScriptedStore(tmp_path / "store")
+    ram, slow = RamTier(MiB), GatedFillTier()
+    chain = TierChain([ram, slow, StoreTier(store)])
+    data = chunk(32)[1]
+    address = store_chunk(store, data)
+
+    fetched = await chain.fetch(address)
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert fetched.data == data
+    assert fetched.source == "store"
+    assert await ram.get(address) == data
+    assert slow.puts_started == 1
+    assert slow.stats()["entries"] == 0
+    assert chain.chain_stats()["fill_queue"] == 1
+    slow.gate.set()
+    await chain.wait_for_fills()
+    assert await slow.get(address) == data
+    assert chain.chain_stats()["fill_queue"] == 0
+    assert chain.chain_stats()["fills_queued"] == 1
+    await chain.aclose()
+
+
+async def test_chain_serves_chunk_waiting_for_fill(tmp_path: Path):
+    store = ScriptedStore(tmp_path / "store")
+    slow = GatedFillTier()
+    chain = TierChain([slow, StoreTier(store)])
+    data = chunk(33)[1]
+    address = store_chunk(store, data)
+
+    first = await chain.fetch(address)
+    second = await chain.fetch(address)
+
+    assert first.data == data
+    assert first.remote is True
+    assert second.data == data
+    assert second.source == "slow"
+    assert second.remote is False
+    assert store.chunk_gets() == 1
+    assert chain.chain_stats()["fill_queue_hits"] == 1
+    slow.gate.set()
+    await chain.aclose()
+    assert slow.stats()["puts"] == 1
+
+
+async def test_chain_drops_fills_when_queue_full(tmp_path: Path):
+    store = ScriptedStore(tmp_path / "store")
+    slow = GatedFillTier()
+    chain = TierChain([slow, StoreTier(store)], fill_queue_size=1)
+    chunks = [chunk(seed)[1] for seed in (34, 35, 36)]
+    addresses = [store_chunk(store, data) for data in chunks]
+
+    for address, data in zip(addresses, chunks):
+        assert await chain.get(address) == data
+    slow.gate.set()
+    await chain.wait_for_fills()
+
+    stats = chain.chain_stats()
+    assert stats["fills_queued"] == 1
+    assert stats["fills_dropped"] == 2
+    assert stats["fill_queue"] == 0
+    assert await slow.get(addresses[0]) == chunks[0]
+    assert await slow.get(addresses[1]) is None
+    assert await slow.get(addresses[2]) is None
+    await chain.aclose()
+
+
+async def test_chain_writes_queued_fills_together(tmp_path: Path):
+    store = ScriptedStore(tmp_path / "store")
+    slow = GatedFillTier()
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    chain = TierChain([slow, disk, StoreTier(store)])
+    chunks = [chunk(seed)[1] for seed in (40, 41, 42)]
+    addresses = [store_chunk(store, data) for data in chunks]
+
+    for address, data in zip(addresses, chunks):
+        assert await chain.get(address) == data
+    await trio.testing.wait_all_tasks_blocked()
+    assert slow.puts_started == 1
+    slow.gate.set()
+    await chain.wait_for_fills()
+
+    # The first chunk went alone; the two queued behind it share one transaction,
+    # and every write transaction takes the next tick.
+    with disk._env.begin() as txn:
+        assert txn.get(b"tick", db=disk._meta) == (2).to_bytes(8, "big")
+    assert disk.stats()["puts"] == 3
+    assert disk.stats()["entries"] == 3
+    assert chain.chain_stats()["fills_queued"] == 3
+    await chain.aclose()
+
+
+async def test_chain_close_finishes_disk_fills(tmp_path: Path):
+    chain, store = make_chain(tmp_path)
+    chunks = [chunk(seed)[1] for seed in (37, 38, 39)]
+    addresses = [store_chunk(store, data) for data in chunks]
+
+    for address, data in zip(addresses, chunks):
+        assert await chain.get(address) == data
+    await chain.aclose()
+
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    for address, data in zip(addresses, chunks):
+        assert await disk.get(address) == data
+    assert disk.stats()["entries"] == 3
+    await disk.aclose()
 
 
 async def test_store_tier_timeout(tmp_path: Path):
@@ -413,6 +551,7 @@ async def test_lmdb_flipped_byte_refetched(tmp_path: Path):
 
     assert await chain.get(address) == data
     assert store.chunk_gets() == 1
+    await chain.wait_for_fills()
     assert await disk.get(address) == data
     assert disk.stats()["corrupt"] == 1
     await chain.aclose()
