@@ -64,6 +64,14 @@ class DaemonConfig:
     store_connect_timeout_s: float = 5.0
     store_read_timeout_s: float = 15.0
     store_max_attempts: int = 5
+    # Chunks fetched ahead of a sequential reader (0 turns read-ahead off).
+    readahead_chunks: int = 2
+    # Read-ahead fetches that run at once; kept below fetch_concurrency so that
+    # demand reads always find a free fetch slot.
+    prefetch_concurrency: int = 4
+    # Chunks waiting to be written to the disk tier in the background; a fill
+    # that finds the queue full is dropped and counted.
+    fill_queue_chunks: int = 64
     control_socket: str = "/run/lazyfs/control.sock"
     # Daemon log in background mode; None means lazyfs.log next to the control socket.
     log_file: str | None = None
@@ -191,9 +199,14 @@ def find_problem(config: DaemonConfig) -> tuple[str, str] | None:
             return key, "must be >= 0"
     if config.disk_cache_map_bytes is not None and config.disk_cache_map_bytes < MiB:
         return "disk_cache_map_bytes", f"must be at least {MiB} (1 MiB)"
-    for key in ("fetch_concurrency", "store_max_attempts", "fuse_max_tasks"):
+    for key in ("fetch_concurrency", "store_max_attempts", "fuse_max_tasks", "prefetch_concurrency"):
         if getattr(config, key) < 1:
             return key, "must be >= 1"
+    for key in ("readahead_chunks", "fill_queue_chunks"):
+        if getattr(config, key) < 0:
+            return key, "must be >= 0"
+    if config.prefetch_concurrency >= config.fetch_concurrency:
+        return "prefetch_concurrency", "must be less than fetch_concurrency"
     for key in ("fetch_timeout_s", "store_connect_timeout_s", "store_read_timeout_s"):
         if not getattr(config, key) > 0:
             return key, "must be > 0"

@@ -204,7 +204,7 @@ def build_tiers(config: DaemonConfig, store: Store) -> TierChain:
                               "or set disk_cache_bytes = 0") from None
     tiers.append(StoreTier(store, fetch_concurrency=config.fetch_concurrency,
                            fetch_timeout_s=config.fetch_timeout_s))
-    return TierChain(tiers)
+    return TierChain(tiers, fill_queue_size=config.fill_queue_chunks)
 
 
 def build_tree(config: DaemonConfig, store: Store, chain: TierChain) -> Tree:
@@ -212,7 +212,9 @@ def build_tree(config: DaemonConfig, store: Store, chain: TierChain) -> Tree:
     index_cache_dir = None
     if config.disk_cache_bytes > 0:
         index_cache_dir = Path(config.disk_cache_path) / "indexes"
-    return Tree(store, chain, index_cache_dir=index_cache_dir, index_timeout_s=config.fetch_timeout_s)
+    return Tree(store, chain, index_cache_dir=index_cache_dir, index_timeout_s=config.fetch_timeout_s,
+                readahead_chunks=config.readahead_chunks,
+                prefetch_concurrency=config.prefetch_concurrency)
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -247,6 +249,7 @@ def status_reporter(config: DaemonConfig, store: Store, tree: Tree, chain: TierC
             "indexes": tree.index_stats(),
             "tiers": chain.stats(),
             "chain": chain.chain_stats(),
+            "readahead": tree.readahead_stats(),
             "store_requests": store.request_counts(),
         }
 

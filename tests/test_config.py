@@ -29,6 +29,9 @@ def test_config_defaults():
     assert config.disk_cache_bytes == 10 << 30
     assert config.fetch_concurrency == 16
     assert config.fetch_timeout_s == 30.0
+    assert config.readahead_chunks == 2
+    assert config.prefetch_concurrency == 4
+    assert config.fill_queue_chunks == 64
     assert config.control_socket == "/run/lazyfs/control.sock"
     assert config.allow_other is False
     assert config.log_level == "info"
@@ -127,6 +130,10 @@ def test_config_wrong_type(tmp_path: Path, line: str, message: str):
     ("fetch_concurrency = 0", "key 'fetch_concurrency' must be >= 1, not 0"),
     ("store_max_attempts = 0", "key 'store_max_attempts' must be >= 1, not 0"),
     ("fuse_max_tasks = -2", "key 'fuse_max_tasks' must be >= 1, not -2"),
+    ("readahead_chunks = -1", "key 'readahead_chunks' must be >= 0, not -1"),
+    ("fill_queue_chunks = -1", "key 'fill_queue_chunks' must be >= 0, not -1"),
+    ("prefetch_concurrency = 0", "key 'prefetch_concurrency' must be >= 1, not 0"),
+    ("prefetch_concurrency = 16", "key 'prefetch_concurrency' must be less than fetch_concurrency, not 16"),
     ("fetch_timeout_s = 0", "key 'fetch_timeout_s' must be > 0, not 0.0"),
     ("store_read_timeout_s = -1.5", "key 'store_read_timeout_s' must be > 0, not -1.5"),
     ("fetch_timeout_s = nan", "key 'fetch_timeout_s' must be > 0, not nan"),

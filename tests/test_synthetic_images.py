@@ -222,3 +222,21 @@ def test_missing_chunk_is_eio(tmp_path):
             os.close(fd)
         assert (root / "small").read_bytes() == b"ok"
         assert daemon.status()["tiers"]["store"]["not_found"] == 1
+
+
+def test_readahead_config_reaches_daemon(tmp_path):
+    data = random.Random(9).randbytes(6 << 20)
+    image = oci.write_image(tmp_path / "layout", [oci.Layer([oci.file("big", data)])])
+    store_url = (tmp_path / "store").as_uri()
+    run = oci.run_indexer("--store", store_url, "--json", image.source)
+    assert run.code == 0, run.stderr
+
+    prefetches = {}
+    for readahead_chunks in (0, 2):
+        with running_daemon(directory=tmp_path / f"daemon-{readahead_chunks}", store_url=store_url,
+                            readahead_chunks=readahead_chunks) as daemon:
+            assert (daemon.image(run.result["index_digest"]) / "big").read_bytes() == data
+            prefetches[readahead_chunks] = daemon.status()["readahead"]["prefetches"]
+
+    assert prefetches[0] == 0
+    assert prefetches[2] > 0
