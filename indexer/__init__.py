@@ -8,6 +8,7 @@ One module per step of the pipeline:
 - ``docker_archive`` a ``docker save`` archive as a source
 - ``mediatypes``  the manifest, config and layer media types understood
 - ``manifest``    manifests, image indexes, platform selection, image config
+- ``streams``     the base class of the read-only streams below
 - ``verify``      readers that check a blob's size and SHA-256 while streaming
 - ``layers``      layer decompression by media type, checked against magic bytes
 - ``flatten``     apply layer tar streams in order onto one tree (whiteouts, hardlinks)

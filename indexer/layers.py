@@ -15,7 +15,6 @@ the blob must carry its magic number. A mismatch is an error, not a guess.
 
 from __future__ import annotations
 
-import io
 from typing import BinaryIO
 
 import isal.igzip
@@ -26,26 +25,23 @@ from . import mediatypes
 from .errors import ImageError
 from .manifest import Descriptor
 from .verify import VerifyingReader
+from .streams import READ_SIZE, ReadStream
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-READ_SIZE = 1 << 20
 
 # Errors of the decoders on bad input: gzip raises BadGzipFile (an OSError)
 # or EOFError, ISA-L's inflate IsalError, zstandard ZstdError.
 DECODE_ERRORS = (OSError, EOFError, isal.isal_zlib.error, zstandard.ZstdError)
 
 
-class _PrefixedReader(io.RawIOBase):
+class _PrefixedReader(ReadStream):
     """Bytes already read (the magic number) followed by the rest of a stream."""
 
     def __init__(self, prefix: bytes, rest: BinaryIO):
         super().__init__()
         self._prefix = prefix
         self._rest = rest
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if self._prefix:
@@ -55,11 +51,6 @@ class _PrefixedReader(io.RawIOBase):
             data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
         return self._rest.read(size)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 class ByteBudget:
@@ -76,7 +67,7 @@ class ByteBudget:
                              "per image (--max-image-bytes)")
 
 
-class _DecodeErrorReader(io.RawIOBase):
+class _DecodeErrorReader(ReadStream):
     """Turns decoder errors into an ImageError naming the layer, and counts bytes against a budget."""
 
     def __init__(self, decoder: BinaryIO, compression: str, label: str, budget: ByteBudget):
@@ -86,9 +77,6 @@ class _DecodeErrorReader(io.RawIOBase):
         self._label = label
         self._budget = budget
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         try:
             data = self._decoder.read(size)
@@ -96,11 +84,6 @@ class _DecodeErrorReader(io.RawIOBase):
             raise ImageError(f"{self._label}: invalid {self._compression} data: {exc}") from None
         self._budget.consume(len(data), self._label)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 class LayerStream:

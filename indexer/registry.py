@@ -35,7 +35,6 @@ import binascii
 import email.utils
 import hashlib
 import http.client
-import io
 import ipaddress
 import json
 import logging
@@ -56,6 +55,7 @@ from .errors import ImageError, SourceError, UsageError
 from .manifest import MAX_MANIFEST_BYTES, Descriptor
 from .source import TAG, RootDocument, Source, split_digest_suffix
 from .verify import check_digest, verify_bytes
+from .streams import READ_SIZE, ReadStream
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 # A Retry-After longer than this is cut to it, so one header cannot park a run for hours.
 MAX_RETRY_AFTER_S = 60.0
 MAX_BACKOFF_S = 30.0
-READ_SIZE = 1 << 20
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -192,7 +191,7 @@ class _Body:
         self.close()
 
 
-class _BlobStream(io.RawIOBase):
+class _BlobStream(ReadStream):
     """A blob body that resumes after a broken or late response, up to ``retries`` times.
 
     A resume requests ``Range: bytes=OFFSET-``. Only a 206 whose Content-Range
@@ -210,14 +209,10 @@ class _BlobStream(io.RawIOBase):
         self._client = client
         self._url = url
         self._label = label
-        self._body: _Body | None = None
-        self._body = client._get(url, {}, label)
+        self._body: _Body | None = client._get(url, {}, label)
         self._offset = 0
         self._skip = 0
         self._resumes = 0
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -231,17 +226,6 @@ class _BlobStream(io.RawIOBase):
                 continue
             self._offset += len(data)
             return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        pieces = []
-        while piece := self.read(READ_SIZE):
-            pieces.append(piece)
-        return b"".join(pieces)
 
     def close(self) -> None:
         if self._body is not None:

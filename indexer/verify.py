@@ -9,12 +9,12 @@ a consumer that reads to the end cannot miss a mismatch.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from typing import BinaryIO
 
 from ..errors import IntegrityError
 from .errors import ImageError
+from .streams import ReadStream
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
@@ -50,7 +50,7 @@ def verify_bytes(data: bytes, digest: str, size: int | None, label: str) -> byte
     return data
 
 
-class VerifyingReader(io.RawIOBase):
+class VerifyingReader(ReadStream):
     """A read-only stream over ``raw`` that checks size and digest.
 
     ``size`` None means unknown, as for an uncompressed layer checked against
@@ -71,9 +71,6 @@ class VerifyingReader(io.RawIOBase):
         # confusing follow-up error.
         self._failure: IntegrityError | None = None
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         if self._failure is not None:
             raise self._failure
@@ -87,17 +84,6 @@ class VerifyingReader(io.RawIOBase):
             return b""
         self._update(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        pieces = []
-        while piece := self.read(1 << 20):
-            pieces.append(piece)
-        return b"".join(pieces)
 
     def finish(self) -> None:
         """Read the rest of ``raw`` and check it; raise IntegrityError on a mismatch."""
