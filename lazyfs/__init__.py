@@ -1,6 +1,6 @@
 """lazyfs: container images served lazily from content-addressed chunks.
 
-Layout of the core package (it knows nothing of the indexer or the runtime):
+Layout of the core package (it imports neither the indexer nor the runtime):
 
 - ``errors``    domain exceptions, translated to errno or exit codes at the edges
 - ``chunk``     chunk addresses and the stored chunk object format

@@ -18,7 +18,7 @@ class StoreError(LazyfsError):
 
 
 class ObjectNotFound(StoreError):
-    """The store answered that the object does not exist (a definite answer)."""
+    """The store reported that the object does not exist (a definite result, not retried)."""
 
     def __init__(self, key: str):
         super().__init__(f"object not found in store: {key}")
@@ -26,7 +26,7 @@ class ObjectNotFound(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The store did not answer, or kept failing, within the retry budget."""
+    """The store did not respond, or kept failing, within the retry budget."""
 
 
 class IntegrityError(LazyfsError):

@@ -218,7 +218,11 @@ def write_index(root: Node, config: dict, chunk_sizes: dict[bytes, int], level: 
             xattrs += _XATTR.pack(name_offset, name_length, value_offset, value_length)
             xattr_count += 1
 
-        size = len(node.target) if stat.S_ISLNK(node.mode) else (node.size if stat.S_ISREG(node.mode) else 0)
+        size = 0
+        if stat.S_ISLNK(node.mode):
+            size = len(node.target)
+        elif stat.S_ISREG(node.mode):
+            size = node.size
         inodes += INODE.pack(node.mode, node.uid, node.gid, nlinks[number], node.mtime_ns, size,
                              node.rdev, first, count, parents[number], xattr_first,
                              xattr_count - xattr_first)

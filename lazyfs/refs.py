@@ -61,7 +61,7 @@ def publish(store: Store, index_digest: str, manifest_digest: str, names: list[s
     """Write the refs of an indexed image; return the keys written.
 
     Raises LazyfsError if the index is not in the store. A ref that already
-    holds the same record is left untouched, so republishing uploads nothing.
+    contains the same record is left untouched, so republishing uploads nothing.
     """
     if not store.exists(index_key(index_digest)):
         raise LazyfsError(f"refusing to publish refs: index {index_digest} is not in {store.url}")
@@ -101,6 +101,6 @@ def resolve(store: Store, reference: str) -> str:
             raise LazyfsError(f"ref {key} in {store.url} is not valid JSON") from None
         digest = record.get("index", "")
         if not _HEX64.match(digest):
-            raise LazyfsError(f"ref {key} in {store.url} holds an invalid index digest {digest!r}")
+            raise LazyfsError(f"ref {key} in {store.url} contains an invalid index digest {digest!r}")
         return digest
     raise RefNotFound(f"no image named {reference!r} in {store.url}: index it first with lazyfs-index")

@@ -11,7 +11,7 @@ blocking and thread-safe; the daemon calls them through worker threads.
 
 The retry policy lives here. A temporary failure (timeout, reset connection,
 HTTP 5xx, 429 or SlowDown) is retried with jittered exponential backoff up to
-``max_attempts``; a definite answer (404, 403, a bad request) is not retried.
+``max_attempts``; a definite result (404, 403, a bad request) is not retried.
 """
 
 from __future__ import annotations

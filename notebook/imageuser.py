@@ -33,7 +33,7 @@ def _resolve_in_root(root: Path, path: str) -> bytes | None:
     """Return the host path of ``path`` inside ``root`` with symlinks kept in the root.
 
     Absolute symlink targets and ``..`` are taken relative to the image root,
-    the way the container sees them. Returns None when a component is missing.
+    as they resolve inside the container. Returns None when a component is missing.
     """
     base = os.fsencode(root)
     pending = [part for part in os.fsencode(path).split(b"/") if part]
