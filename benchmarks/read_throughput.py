@@ -140,7 +140,7 @@ def random_reads(path: Path, size: int, reads_per_thread: int, seed: int) -> tup
                         raise BenchmarkError(f"short read of {path} at {offset}: {len(data)} bytes")
             finally:
                 os.close(descriptor)
-        except BaseException as error:  # reported by the caller, after every thread ends
+        except BaseException as error:  # The caller raises it after every thread has ended.
             errors.append(error)
             start.abort()
 
@@ -191,8 +191,8 @@ def squashfuse_mount(image: Path, mountpoint: Path) -> Iterator[Path]:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
 
 
-class Round:
-    """The measurements of one round; every list gets one value per round."""
+class Measurements:
+    """The values of every round: one per round in each list, except the per-read latencies."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = defaultdict(list)
@@ -202,7 +202,7 @@ class Round:
 
 
 def measure_lazyfs(options: dict, digest: str, size: int, work: Path, reads_per_thread: int,
-                   seed: int, results: Round) -> None:
+                   seed: int, results: Measurements) -> None:
     """Cold, LMDB tier, RAM tier, page cache, then random reads from the RAM tier."""
     with running_daemon(directory=work / "cold", **options) as daemon:
         drop_page_cache()
@@ -223,7 +223,7 @@ def measure_lazyfs(options: dict, digest: str, size: int, work: Path, reads_per_
 
 
 def measure_references(squashfs: Path, plain_file: Path, endpoint_url: str, addresses: list[bytes],
-                       size: int, work: Path, reads_per_thread: int, seed: int, results: Round) -> None:
+                       size: int, work: Path, reads_per_thread: int, seed: int, results: Measurements) -> None:
     """squashfuse and ext4, first read and re-read, the boto3 download, and squashfuse random reads."""
     with squashfuse_mount(squashfs, work / "squashfuse") as mountpoint:
         path = mountpoint / FILE_NAME
@@ -254,10 +254,10 @@ def prepare_references(data: bytes, work: Path) -> tuple[Path, Path]:
     return squashfs, plain_file
 
 
-def run_benchmark(size: int, runs: int, reads_per_thread: int, work: Path) -> Round:
+def run_benchmark(size: int, runs: int, reads_per_thread: int, work: Path) -> Measurements:
     """Publish the file, build the references and measure everything ``runs`` times."""
     data = os.urandom(size)
-    results = Round()
+    results = Measurements()
     with ExitStack() as stack:
         moto = stack.enter_context(MotoServer())
         moto.create_bucket(BUCKET)
@@ -293,7 +293,7 @@ def _percentile(latencies: list[int], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1e3
 
 
-def format_report(results: Round, size: int, runs: int, reads_per_thread: int,
+def format_report(results: Measurements, size: int, runs: int, reads_per_thread: int,
                   machine: list[tuple[str, str]], total_s: float) -> str:
     median = {state: _median(results.seconds[state]) for state in SEQUENTIAL}
     lines = [
