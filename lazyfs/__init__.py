@@ -17,6 +17,7 @@ Layout of the core package (it imports neither the indexer nor the runtime):
                 its blocking client
 - ``notify``    the systemd notify protocol (READY, STOPPING, WATCHDOG)
 - ``metrics``   Prometheus metrics built from the daemon's status
+- ``logutil``   rate-limited repeats, secret redaction and the image named in log lines
 - ``daemon``    mount wiring: tiers, tree, FUSE session, signals
 - ``cli``       the ``lazyfs`` command
 """

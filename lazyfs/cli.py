@@ -1,4 +1,4 @@
-"""The ``lazyfs`` command: mount, resolve, status and unmount."""
+"""The ``lazyfs`` command: mount, resolve, status, trace and unmount."""
 
 from __future__ import annotations
 
@@ -134,6 +134,17 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="detach now even while files are open (fusermount3 -z)")
     unmount.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
                          help="mount point (default: the configured mountpoint)")
+
+    trace = commands.add_parser(
+        "trace", help="end an image's boot trace recording and write the trace",
+        description="trace save IMAGE: end the daemon's boot trace recording of IMAGE and write the "
+                    "trace to the store, unless a valid trace exists there.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    trace.add_argument("action", choices=("save",), help="what to do with the trace")
+    trace.add_argument("reference", metavar="IMAGE",
+                       help="image name (registry/repo:tag), sha256:<manifest digest> or index digest")
+    trace.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    trace.add_argument("--socket", metavar="PATH", help="control socket (default: the configured one)")
     return parser
 
 
@@ -200,9 +211,23 @@ def _status(arguments: argparse.Namespace) -> int:
     socket_path = arguments.socket or load_config(arguments.config).control_socket
     status = ControlClient(socket_path).status()
     if arguments.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        # Unsorted, because the tiers are listed nearest first.
+        print(json.dumps(status, indent=2))
     else:
         print(format_status(status))
+    return EXIT_OK
+
+
+def _trace(arguments: argparse.Namespace) -> int:
+    from .control_client import ControlClient
+
+    client = ControlClient(arguments.socket or load_config(arguments.config).control_socket)
+    digest = client.resolve(arguments.reference)
+    response = client.request({"op": "trace_save", "index": digest})
+    if response["saved"]:
+        print(f"saved the boot trace of {digest} with {response['chunks']} chunks")
+    else:
+        print(f"wrote no boot trace for {digest}: trace {response['state']}")
     return EXIT_OK
 
 
@@ -223,35 +248,74 @@ def _size(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _hit_rate(counters: dict[str, int]) -> str:
-    total = counters.get("hits", 0) + counters.get("misses", 0)
-    return "-" if total == 0 else f"{100 * counters.get('hits', 0) / total:.1f} %"
+def _hit_ratio(counters: dict[str, int]) -> str:
+    total = counters["hits"] + counters["misses"]
+    return "-" if total == 0 else f"{100 * counters['hits'] / total:.1f} %"
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """Return the status as aligned text for people."""
+    """Return the status as aligned text for people; ``--json`` prints every counter."""
     lines = [
-        f"mount point  {status['mountpoint']}",
-        f"store        {status['store_url']}",
-        f"pid          {status['pid']}",
-        f"images       {len(status['images'])}",
+        f"mount point   {status['mountpoint']}",
+        f"store         {status['store_url']}",
+        f"pid           {status['pid']}",
+        f"images        {len(status['images'])}",
     ]
     for digest, image in status["images"].items():
-        lines.append(f"  {digest}  {image['inodes']} inodes, {_size(image['size_bytes'])} of files, "
-                     f"{_size(image['bytes_read'])} read, {_size(image['fetched_bytes'])} fetched, "
-                     f"{image['read_errors']} read errors")
-    lines.append("tiers")
-    for name, tier in status["tiers"].items():
-        line = f"  {name:<6} hit rate {_hit_rate(tier):>8}, {_size(tier.get('bytes_served', 0))} served"
-        if "used_bytes" in tier:
-            line += f", {_size(tier['used_bytes'])} of {_size(tier['capacity_bytes'])} used"
-        if "requests" in tier:
-            line += f", {tier['requests']} requests, {_size(tier['bytes'])} received"
-        lines.append(line)
+        lines += _image_lines(digest, image)
+    lines += _tier_lines(status["tiers"])
+    chain, readahead = status["chain"], status["readahead"]
+    lines.append(f"in flight     {chain['in_flight']} chunk fetches, {readahead['prefetching']} prefetches, "
+                 f"{chain['fill_queue']} chunks waiting for the disk tier")
+    lines += _store_lines(status)
     return "\n".join(lines)
 
 
-_COMMANDS = {"mount": _mount, "resolve": _resolve, "status": _status, "unmount": _unmount}
+def _image_lines(digest: str, image: dict[str, int]) -> list[str]:
+    return [
+        f"  {digest}",
+        f"    {_size(image['size_bytes'])} in {image['inodes']} inodes and {image['chunks']} chunks",
+        f"    read {_size(image['bytes_read'])} in {image['reads']} reads, "
+        f"fetched {_size(image['fetched_bytes'])} in {image['fetched_chunks']} chunks, "
+        f"{image['read_errors']} read errors",
+    ]
+
+
+def _tier_lines(tiers: dict[str, dict[str, int]]) -> list[str]:
+    lines = [f"{'tier':<8}{'hits':>8}{'misses':>8}{'hit ratio':>11}{'served':>12}  cache or store"]
+    for name, tier in tiers.items():
+        line = (f"  {name:<6}{tier['hits']:>8}{tier['misses']:>8}{_hit_ratio(tier):>11}"
+                f"{_size(tier['bytes_served']):>12}  ")
+        if "capacity_bytes" in tier:
+            line += (f"{_size(tier['used_bytes'])} of {_size(tier['capacity_bytes'])}, "
+                     f"{tier['entries']} chunks, {tier['evictions']} evicted")
+            if "corrupt" in tier:
+                line += f", {tier['corrupt']} corrupt"
+        elif "requests" in tier:
+            line += f"{tier['requests']} requests, {_size(tier['bytes'])} received"
+        lines.append(line)
+    return lines
+
+
+def _store_lines(status: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, tier in status["tiers"].items():
+        if "requests" in tier:
+            lines.append(f"store errors  {name}: {tier['not_found']} not found, "
+                         f"{tier['integrity_errors']} failed verification, {tier['timeouts']} timed out, "
+                         f"{tier['errors']} other")
+    requests = []
+    for operation, count in sorted(status["store_requests"].items()):
+        results = status["store_results"].get(operation, {})
+        detail = ", ".join(f"{number} {result}" for result, number in sorted(results.items()))
+        requests.append(f"{operation} {count}" + (f" ({detail})" if detail else ""))
+    retries = sum(status["store_retries"].values())
+    lines.append(f"store client  {'; '.join(requests) or 'no requests'}; {retries} retries")
+    return lines
+
+
+_COMMANDS = {"mount": _mount, "resolve": _resolve, "status": _status, "unmount": _unmount,
+             "trace": _trace}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,14 @@ order, on one connection for as many requests as it likes. Requests:
                 "store": {"requests", "bytes", "hits", "bytes_served", "not_found",
                           "integrity_errors", "errors", "timeouts", ...}},
       "indexes": {"index_fetches", "index_cache_hits"},
-      "chain": {"joined", "failed_fast", "fill_errors", "in_flight"},
-      "store_requests": {"get": n, ...}
+      "chain": {"joined", "failed_fast", "fill_errors", "in_flight", "fill_queue", ...},
+      "readahead": {"prefetches", "prefetches_dropped", "prefetch_errors", "prefetching"},
+      "store_requests": {"get": n, ...},
+      "store_results": {"get": {"ok": n, "not_found": n, "unavailable": n, "error": n}, ...},
+      "store_retries": {"get": n, ...},
+      "traces": {"<index digest>": {"state", "recording_chunks", "trace_chunks", "saved_chunks",
+                                    "replay_fetched", "replay_cached", "replay_skipped",
+                                    "replay_errors"}}
     }
 
 with every counter an integer. ``tiers`` has one key per configured tier, so
@@ -28,16 +34,32 @@ whole chunks returned, not the slices of them that reads used. In the store
 tier, ``bytes`` counts the stored (compressed) bytes received. ``store_requests``
 counts every request of the daemon's store client by operation, index fetches
 included, and is empty when the daemon has not contacted the store.
+``store_results`` counts the same requests once finished, by result, with only
+the results that occurred; ``store_retries`` counts retried temporary failures.
+``chain.in_flight`` is the number of chunk fetches running now.
+``traces`` lists the images whose boot trace is recorded or replayed
+(``lazyfs.prefetch``); its ``state`` is a word such as "recording",
+"replaying", "replayed" or "saved".
 
 ``{"op": "resolve", "reference": REF}`` returns ``{"index": "<hex>"}`` for an
 image name, a manifest digest (``sha256:...``) or an index digest.
 
 ``{"op": "image", "index": "<hex>"}`` attaches the image if needed and returns
-``{"index", "config", "source", "files", "size_bytes"}``, where ``config`` is
-the image config the runtime needs (Entrypoint, Cmd, Env, WorkingDir, User).
+``{"index", "config", "source", "files", "size_bytes", "path"}``, where ``config`` is
+the image config the runtime needs (Entrypoint, Cmd, Env, WorkingDir, User)
+and ``path`` the image's directory relative to the mount point. With
+``"shift": "<uid base>:<gid base>:<count>"`` the request attaches the image's
+view with shifted owners too, and ``path`` names that view (the layout is in
+``lazyfs.tree``).
 
-``{"op": "sync"}`` returns ``{}`` once every queued background write to the
-disk tier has finished.
+``{"op": "sync"}`` returns ``{}`` once every boot trace load, replay and
+automatic save, and then every queued background write to the disk tier, has
+finished.
+
+``{"op": "trace_save", "index": "<hex>"}`` ends the image's boot trace
+recording and writes the trace to the store unless a valid one exists there;
+it returns ``{"index", "saved", "chunks", "state"}``, with ``saved`` false when
+nothing was written (not recording, no chunks read, or a trace exists).
 
 Any other request, and any request that fails, returns ``{"error": "<message>"}``.
 

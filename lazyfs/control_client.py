@@ -32,9 +32,16 @@ class ControlClient:
         """Return the index digest of an image name, manifest digest or index digest."""
         return self.request({"op": "resolve", "reference": reference})["index"]
 
-    def image(self, index_digest: str) -> dict[str, Any]:
-        """Attach an image and return its config, source digests, file count and size."""
-        return self.request({"op": "image", "index": index_digest})
+    def image(self, index_digest: str, shift: str | None = None) -> dict[str, Any]:
+        """Attach an image and return its config, source digests, file count, size and path.
+
+        With ``shift`` ("<uid base>:<gid base>:<count>") the path is that of
+        the view whose owners are shifted into that host id range.
+        """
+        request = {"op": "image", "index": index_digest}
+        if shift is not None:
+            request["shift"] = shift
+        return self.request(request)
 
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return its response; raise ControlError on any failure."""

@@ -1,6 +1,6 @@
 """Prometheus metrics of the daemon, served over HTTP at ``metrics_address``.
 
-Two collectors feed one registry per daemon:
+Three collectors feed one registry per daemon:
 
 - ``StatusCollector`` reads the control socket's status object (see
   ``lazyfs.control``) at scrape time and turns its counters into metric
@@ -9,6 +9,9 @@ Two collectors feed one registry per daemon:
 - ``FuseMetrics`` counts FUSE requests and their latency. ``lazyfs.fuse_ops``
   records every handler that goes through its error-mapping wrapper; the
   handlers that only return EROFS and ``forget`` are not recorded.
+- ``TierMetrics`` times every chunk get of every tier, through
+  ``TierChain.get_observer``. A chunk served from the fill queue, or to a
+  reader that joined another reader's fetch, queries no tier and is not timed.
 
 The HTTP server runs as a trio task in the daemon's nursery, so a scrape
 reads the counters in the same thread that changes them. It responds to
@@ -25,6 +28,11 @@ lazyfs_tier_misses_total              tier         chunks the tier did not have
 lazyfs_tier_bytes_served_total        tier         uncompressed bytes of those chunks
 lazyfs_tier_evictions_total           tier         cache tiers only
 lazyfs_tier_corrupt_entries_total     tier         disk tier: entries dropped on a bad checksum
+lazyfs_tier_get_seconds               tier, result histogram of one tier get; result: hit, miss, error
+lazyfs_verification_failures_total    tier         store: chunks that failed their SHA-256 check;
+                                                   disk: entries that failed their XXH3 check
+lazyfs_cache_full_total               tier, kind   disk tier writes that found no room; kind: map
+                                                   (the LMDB map), disk (the file system)
 lazyfs_cache_used_bytes               tier         cache tiers only (gauge)
 lazyfs_cache_capacity_bytes           tier         cache tiers only (gauge)
 lazyfs_cache_entries                  tier         cache tiers only (gauge)
@@ -32,9 +40,13 @@ lazyfs_store_fetches_total            tier         chunk fetches of a store tier
 lazyfs_store_received_bytes_total     tier         stored (compressed) bytes received
 lazyfs_store_errors_total             tier, kind   kind: not_found, integrity, timeout, error
 lazyfs_store_requests_total           operation    every store client request (get, put, ...)
+lazyfs_store_request_results_total    operation,   finished requests, after retries; result: ok,
+                                      result       not_found, unavailable (retries ran out), error
+lazyfs_store_retries_total            operation    retries of temporary failures (S3 stores)
 lazyfs_chain_joined_fetches_total                  reads that waited for another read's fetch
 lazyfs_chain_failed_fast_total                     reads failed from the failure memory
 lazyfs_chain_fill_errors_total                     failed puts into a nearer tier
+lazyfs_chain_fills_dropped_total                   background fills dropped on a full fill queue
 lazyfs_chain_fetches_in_flight                     gauge
 lazyfs_index_fetches_total                         indexes fetched from the store
 lazyfs_index_cache_hits_total                      indexes read from the local index cache
@@ -87,6 +99,21 @@ StatusFunction = Callable[[], dict[str, Any]]
 # Collectors
 
 
+class TierMetrics:
+    """Latency of tier gets, by tier and result; ``observe`` is a ``TierChain.get_observer``."""
+
+    def __init__(self) -> None:
+        self.seconds = Histogram("lazyfs_tier_get_seconds", "Time of one chunk get from a tier",
+                                 ["tier", "result"], buckets=LATENCY_BUCKETS_S, registry=None)
+
+    def observe(self, tier: str, result: str, seconds: float) -> None:
+        """Record one get of ``tier`` that ended with ``result`` (hit, miss or error)."""
+        self.seconds.labels(tier, result).observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.seconds.collect()
+
+
 class FuseMetrics:
     """Counts and latencies of FUSE requests, by handler name."""
 
@@ -121,6 +148,7 @@ class StatusCollector:
         status = self._status()
         yield from _tier_families(status["tiers"])
         yield from _store_families(status["tiers"], status["store_requests"])
+        yield from _store_result_families(status["store_results"], status["store_retries"])
         yield from _chain_families(status["chain"], status["indexes"])
         yield from _image_families(status["images"])
         start = GaugeMetricFamily("lazyfs_start_time_seconds", "Unix time the daemon started")
@@ -144,6 +172,10 @@ def _tier_families(tiers: dict[str, dict[str, int]]) -> Iterator[Metric]:
     evictions = _counter("lazyfs_tier_evictions", "Chunks evicted from a cache tier", ["tier"])
     corrupt = _counter("lazyfs_tier_corrupt_entries",
                        "Cache entries dropped because their checksum did not match", ["tier"])
+    verification = _counter("lazyfs_verification_failures",
+                            "Chunks from a tier that failed verification", ["tier"])
+    full = _counter("lazyfs_cache_full", "Cache tier writes that found no room, by kind",
+                    ["tier", "kind"])
     used = _gauge("lazyfs_cache_used_bytes", "Bytes held by a cache tier", ["tier"])
     capacity = _gauge("lazyfs_cache_capacity_bytes", "Byte budget of a cache tier", ["tier"])
     entries = _gauge("lazyfs_cache_entries", "Chunks held by a cache tier", ["tier"])
@@ -155,11 +187,17 @@ def _tier_families(tiers: dict[str, dict[str, int]]) -> Iterator[Metric]:
             evictions.add_metric([name], counters["evictions"])
         if "corrupt" in counters:
             corrupt.add_metric([name], counters["corrupt"])
+            verification.add_metric([name], counters["corrupt"])
+        if "integrity_errors" in counters:
+            verification.add_metric([name], counters["integrity_errors"])
+        for kind in ("map", "disk"):
+            if f"{kind}_full" in counters:
+                full.add_metric([name, kind], counters[f"{kind}_full"])
         if "capacity_bytes" in counters:
             used.add_metric([name], counters["used_bytes"])
             capacity.add_metric([name], counters["capacity_bytes"])
             entries.add_metric([name], counters["entries"])
-    yield from (hits, misses, served, evictions, corrupt, used, capacity, entries)
+    yield from (hits, misses, served, evictions, corrupt, verification, full, used, capacity, entries)
 
 
 def _store_families(tiers: dict[str, dict[str, int]], requests: dict[str, int]) -> Iterator[Metric]:
@@ -183,11 +221,28 @@ def _store_families(tiers: dict[str, dict[str, int]], requests: dict[str, int]) 
     yield from (fetches, received, errors, by_operation)
 
 
+def _store_result_families(results: dict[str, dict[str, int]],
+                           retries: dict[str, int]) -> Iterator[Metric]:
+    by_result = _counter("lazyfs_store_request_results",
+                         "Finished requests of the store client, by operation and result",
+                         ["operation", "result"])
+    for operation, counts in sorted(results.items()):
+        for result, count in sorted(counts.items()):
+            by_result.add_metric([operation, result], count)
+    retried = _counter("lazyfs_store_retries", "Retries of temporary store failures, by operation",
+                       ["operation"])
+    for operation, count in sorted(retries.items()):
+        retried.add_metric([operation], count)
+    yield from (by_result, retried)
+
+
 def _chain_families(chain: dict[str, int], indexes: dict[str, int]) -> Iterator[Metric]:
     for key, name, documentation in (
             ("joined", "lazyfs_chain_joined_fetches", "Reads that waited for another read's fetch"),
             ("failed_fast", "lazyfs_chain_failed_fast", "Reads failed at once by a recent failure"),
             ("fill_errors", "lazyfs_chain_fill_errors", "Failed puts into a nearer tier"),
+            ("fills_dropped", "lazyfs_chain_fills_dropped",
+             "Background fills dropped because the fill queue was full"),
             ("index_fetches", "lazyfs_index_fetches", "Image indexes fetched from the store"),
             ("index_cache_hits", "lazyfs_index_cache_hits", "Image indexes read from the local cache")):
         family = _counter(name, documentation)
@@ -224,12 +279,14 @@ def _image_families(images: dict[str, dict[str, int]]) -> Iterator[Metric]:
         yield family
 
 
-def build_registry(status: StatusFunction, fuse_metrics: FuseMetrics | None) -> CollectorRegistry:
-    """Return a registry with the status collector and, if given, the FUSE metrics."""
+def build_registry(status: StatusFunction, fuse_metrics: FuseMetrics | None,
+                   tier_metrics: TierMetrics | None = None) -> CollectorRegistry:
+    """Return a registry with the status collector and the FUSE and tier metrics given."""
     registry = CollectorRegistry()
     registry.register(StatusCollector(status))
-    if fuse_metrics is not None:
-        registry.register(fuse_metrics)
+    for collector in (fuse_metrics, tier_metrics):
+        if collector is not None:
+            registry.register(collector)
     return registry
 
 

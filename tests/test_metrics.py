@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,18 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs import cli
+from lazyfs.chunk import encode
 from lazyfs.config import load_config, parse_host_port
 from lazyfs.daemon import is_mounted
-from lazyfs.errors import ConfigError
-from lazyfs.metrics import FuseMetrics, MetricsServer, build_registry
-from lazyfs.store import FileStore
+from lazyfs.errors import ConfigError, ObjectNotFound, StoreUnavailable
+from lazyfs.metrics import FuseMetrics, MetricsServer, TierMetrics, build_registry
+from lazyfs.refs import chunk_key
+from lazyfs.store import FileStore, StoreOptions, open_store
 from tests.support.daemon import cleanup, daemon_config, running_daemon, toml_text
+from tests.support.faultproxy import FaultProxy
 from tests.support.net import LOOPBACK, free_port
-from tests.support.sample_image import FIRST_CHUNK_BYTES, SECOND_CHUNK_BYTES, publish_sample_image
+from tests.support.sample_image import (FIRST_CHUNK_BYTES, SECOND_CHUNK_BYTES, publish_sample_image,
+                                        publish_single_file_image)
 
 HTTP_TIMEOUT_S = 30.0
 
@@ -41,13 +46,15 @@ STATUS = {
         "ram": {"hits": 11, "misses": 3, "bytes_served": 700, "puts": 3, "evictions": 1,
                 "entries": 2, "used_bytes": 600, "capacity_bytes": 1000},
         "disk": {"hits": 1, "misses": 2, "bytes_served": 100, "puts": 2, "evictions": 0, "corrupt": 5,
-                 "map_full": 0, "put_failures": 0, "entries": 2, "used_bytes": 300,
+                 "map_full": 3, "disk_full": 4, "put_failures": 0, "entries": 2, "used_bytes": 300,
                  "capacity_bytes": 2000, "map_size_bytes": 4000},
         "store": {"requests": 2, "bytes": 90, "hits": 2, "misses": 0, "bytes_served": 200,
                   "not_found": 6, "integrity_errors": 7, "errors": 8, "timeouts": 9},
     },
-    "chain": {"joined": 12, "failed_fast": 13, "fill_errors": 14, "in_flight": 15},
+    "chain": {"joined": 12, "failed_fast": 13, "fill_errors": 14, "in_flight": 15, "fills_dropped": 16},
     "store_requests": {"get": 3, "list": 1},
+    "store_results": {"get": {"ok": 2, "unavailable": 1}, "list": {"ok": 1}},
+    "store_retries": {"get": 4},
 }
 
 
@@ -137,6 +144,16 @@ def test_status_collector_values():
         assert value(parsed, "lazyfs_store_errors_total", tier="store", kind=kind) == number, kind
     assert value(parsed, "lazyfs_store_requests_total", operation="get") == 3
     assert value(parsed, "lazyfs_store_requests_total", operation="list") == 1
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="ok") == 2
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="unavailable") == 1
+    assert value(parsed, "lazyfs_store_request_results_total", operation="list", result="ok") == 1
+    assert value(parsed, "lazyfs_store_retries_total", operation="get") == 4
+    assert value(parsed, "lazyfs_verification_failures_total", tier="disk") == 5
+    assert value(parsed, "lazyfs_verification_failures_total", tier="store") == 7
+    assert ("lazyfs_verification_failures_total", (("tier", "ram"),)) not in parsed
+    assert value(parsed, "lazyfs_cache_full_total", tier="disk", kind="map") == 3
+    assert value(parsed, "lazyfs_cache_full_total", tier="disk", kind="disk") == 4
+    assert value(parsed, "lazyfs_chain_fills_dropped_total") == 16
 
     assert value(parsed, "lazyfs_chain_joined_fetches_total") == 12
     assert value(parsed, "lazyfs_chain_failed_fast_total") == 13
@@ -179,6 +196,51 @@ def test_fuse_metrics_counts_and_errors():
     assert value(parsed, "lazyfs_fuse_operation_seconds_sum", op="read") == pytest.approx(0.006)
     assert value(parsed, "lazyfs_fuse_operation_seconds_bucket", op="read", le="0.0025") == 1
     assert value(parsed, "lazyfs_fuse_operation_seconds_bucket", op="read", le="0.005") == 2
+
+
+def test_tier_metrics_latency_by_result():
+    tier_metrics = TierMetrics()
+    tier_metrics.observe("ram", "miss", 0.00002)
+    tier_metrics.observe("store", "hit", 0.03)
+    tier_metrics.observe("store", "hit", 0.2)
+    tier_metrics.observe("store", "error", 20.0)
+    parsed = samples(generate_latest(build_registry(lambda: STATUS, None, tier_metrics)).decode())
+    assert value(parsed, "lazyfs_tier_get_seconds_count", tier="ram", result="miss") == 1
+    assert value(parsed, "lazyfs_tier_get_seconds_count", tier="store", result="hit") == 2
+    assert value(parsed, "lazyfs_tier_get_seconds_sum", tier="store", result="hit") == pytest.approx(0.23)
+    assert value(parsed, "lazyfs_tier_get_seconds_bucket", tier="store", result="hit", le="0.05") == 1
+    assert value(parsed, "lazyfs_tier_get_seconds_bucket", tier="store", result="hit", le="0.25") == 2
+    assert value(parsed, "lazyfs_tier_get_seconds_bucket", tier="store", result="error", le="10.0") == 0
+    assert value(parsed, "lazyfs_tier_get_seconds_bucket", tier="store", result="error", le="30.0") == 1
+
+
+def test_file_store_counts_results(tmp_path: Path):
+    file_store = FileStore(tmp_path / "store")
+    file_store.put("chunks/aa", b"data")
+    assert file_store.get("chunks/aa") == b"data"
+    with pytest.raises(ObjectNotFound):
+        file_store.get("chunks/bb")
+    assert file_store.result_counts() == {"get": {"not_found": 1, "ok": 1}, "put": {"ok": 1}}
+    assert file_store.retry_counts() == {}
+
+
+def test_s3_store_counts_retries_and_unavailable(s3_server, s3_bucket: str):
+    upstream_port = urllib.parse.urlsplit(s3_server.endpoint_url).port
+    options = StoreOptions(max_attempts=3, backoff_base_s=0.001, backoff_max_s=0.001)
+    with FaultProxy(LOOPBACK, upstream_port, ["503", "pass", "pass", "503", "503", "503"]) as proxy:
+        s3_store = open_store(f"s3://{s3_bucket}/p", StoreOptions(**{**options.__dict__,
+                                                                     "endpoint_url": proxy.endpoint_url}))
+        try:
+            s3_store.put("chunks/aa", b"data")
+            with pytest.raises(ObjectNotFound):
+                s3_store.get("chunks/bb")
+            with pytest.raises(StoreUnavailable):
+                s3_store.get("chunks/aa")
+        finally:
+            s3_store.close()
+    assert s3_store.request_counts() == {"put": 1, "get": 2}
+    assert s3_store.result_counts() == {"get": {"not_found": 1, "unavailable": 1}, "put": {"ok": 1}}
+    assert s3_store.retry_counts() == {"put": 1, "get": 2}
 
 
 # ---------------------------------------------------------------------------
@@ -312,3 +374,116 @@ def test_daemon_metrics_port_in_use(tmp_path: Path, store: FileStore):
     assert result.returncode == 6, result.stderr
     assert f"cannot listen for metrics on {address}: Address already in use" in result.stderr
     assert not is_mounted(config.mountpoint)
+
+
+def publish_corrupt_image(store: FileStore, data: bytes) -> tuple[str, bytes]:
+    """Publish a one-file image whose chunk object decodes to other bytes than its address names."""
+    digest, addresses = publish_single_file_image(store, data)
+    store.put(chunk_key(addresses[0]), encode(b"not the indexed bytes"))
+    return digest, addresses[0]
+
+
+def read_error(path: Path) -> int:
+    with pytest.raises(OSError) as caught:
+        path.read_bytes()
+    return caught.value.errno
+
+
+@pytest.mark.fuse
+def test_daemon_metrics_exact_workload(tmp_path: Path, store: FileStore):
+    """Each read below is one FUSE read of a file smaller than a page, so every count is exact.
+
+    The RAM tier has room for 150 bytes: the 99-byte chunk of the sample's small
+    files, then a 100-byte chunk that evicts it.
+    """
+    sample = publish_sample_image(store, seed=3)
+    other_digest, _ = publish_single_file_image(store, b"x" * 100)
+    missing_digest, _ = publish_single_file_image(store, b"m" * 100, store_chunks=False)
+    corrupt_digest, _ = publish_corrupt_image(store, b"c" * 100)
+    port = free_port()
+    with running_daemon(directory=tmp_path, store_url=store.url, ram_cache_bytes=150,
+                        metrics_address=f"{LOOPBACK}:{port}") as daemon:
+        root = daemon.image(sample.digest)
+        assert (root / "data" / "small.txt").read_bytes() == sample.files[b"data/small.txt"]
+        assert (root / "bin" / "tool").read_bytes() == sample.files[b"bin/tool"]
+        assert (daemon.image(other_digest) / "file.bin").read_bytes() == b"x" * 100
+        assert read_error(daemon.image(missing_digest) / "file.bin") == errno.EIO
+        assert read_error(daemon.image(corrupt_digest) / "file.bin") == errno.EIO
+        response = scrape(port)
+        assert response.status == 200
+        parsed = samples(response.read().decode())
+        status = daemon.status()
+
+    tiers = {
+        # tier: (hits, misses)
+        "ram": (1, 4),
+        "disk": (0, 4),
+        "store": (2, 0),
+    }
+    for tier, (hits, misses) in tiers.items():
+        assert value(parsed, "lazyfs_tier_hits_total", tier=tier) == hits, tier
+        assert value(parsed, "lazyfs_tier_misses_total", tier=tier) == misses, tier
+    assert value(parsed, "lazyfs_tier_bytes_served_total", tier="store") == 99 + 100
+    assert value(parsed, "lazyfs_tier_bytes_served_total", tier="ram") == 99
+    assert value(parsed, "lazyfs_tier_evictions_total", tier="ram") == 1
+    assert value(parsed, "lazyfs_cache_used_bytes", tier="ram") == 100
+    assert value(parsed, "lazyfs_cache_entries", tier="ram") == 1
+    assert value(parsed, "lazyfs_cache_capacity_bytes", tier="ram") == 150
+    assert value(parsed, "lazyfs_cache_capacity_bytes", tier="disk") == 256 << 20
+
+    latency = {("ram", "hit"): 1, ("ram", "miss"): 4, ("disk", "miss"): 4, ("store", "hit"): 2,
+               ("store", "error"): 2}
+    for (tier, result), count in latency.items():
+        assert value(parsed, "lazyfs_tier_get_seconds_count", tier=tier, result=result) == count, tier
+    assert ("lazyfs_tier_get_seconds_count", (("result", "hit"), ("tier", "disk"))) not in parsed
+
+    assert value(parsed, "lazyfs_store_fetches_total", tier="store") == 4
+    errors = {"not_found": 1, "integrity": 1, "timeout": 0, "error": 0}
+    for kind, number in errors.items():
+        assert value(parsed, "lazyfs_store_errors_total", tier="store", kind=kind) == number, kind
+    assert value(parsed, "lazyfs_verification_failures_total", tier="store") == 1
+    assert value(parsed, "lazyfs_verification_failures_total", tier="disk") == 0
+    # Four indexes and four chunk objects; the corrupt chunk's object was read fine.
+    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 8
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="ok") == 7
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="not_found") == 1
+    assert ("lazyfs_store_retries_total", (("operation", "get"),)) not in parsed
+    assert value(parsed, "lazyfs_index_fetches_total") == 4
+    assert value(parsed, "lazyfs_images_attached") == 4
+
+    assert value(parsed, "lazyfs_image_reads_total", image=sample.digest) == 2
+    assert value(parsed, "lazyfs_image_fetched_chunks_total", image=sample.digest) == 1
+    assert value(parsed, "lazyfs_image_fetched_bytes_total", image=sample.digest) == 99
+    assert value(parsed, "lazyfs_image_read_errors_total", image=other_digest) == 0
+    assert value(parsed, "lazyfs_image_read_errors_total", image=corrupt_digest) >= 1
+    # The kernel may retry a failed read once; each retry fails fast from the
+    # chain's failure memory and reaches no tier.
+    reads = sum(image["reads"] + image["read_errors"] for image in status["images"].values())
+    assert value(parsed, "lazyfs_fuse_operations_total", op="read") == reads
+    assert value(parsed, "lazyfs_fuse_errors_total", op="read", errno="EIO") == (
+        status["images"][missing_digest]["read_errors"] + status["images"][corrupt_digest]["read_errors"])
+    assert value(parsed, "lazyfs_fuse_operations_total", op="open") == 5
+
+
+@pytest.mark.fuse
+def test_daemon_metrics_count_store_retries(tmp_path: Path, s3_server, s3_bucket: str):
+    s3_store = open_store(f"s3://{s3_bucket}/lazyfs", StoreOptions(endpoint_url=s3_server.endpoint_url))
+    digest, addresses = publish_single_file_image(s3_store, b"r" * 100)
+    s3_store.close()
+    port = free_port()
+    upstream_port = urllib.parse.urlsplit(s3_server.endpoint_url).port
+    # The index passes; the chunk fails twice, then passes.
+    with FaultProxy(LOOPBACK, upstream_port, ["pass", "503", "slowdown"]) as proxy:
+        with running_daemon(directory=tmp_path, store_url=f"s3://{s3_bucket}/lazyfs",
+                            s3_endpoint_url=proxy.endpoint_url,
+                            metrics_address=f"{LOOPBACK}:{port}") as daemon:
+            assert (daemon.image(digest) / "file.bin").read_bytes() == b"r" * 100
+            parsed = samples(scrape(port).read().decode())
+    assert [action for _method, _path, action in proxy.requests] == ["pass", "503", "slowdown", "pass"]
+    assert value(parsed, "lazyfs_store_retries_total", operation="get") == 2
+    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 2
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="ok") == 2
+    assert value(parsed, "lazyfs_tier_hits_total", tier="store") == 1
+    assert value(parsed, "lazyfs_tier_get_seconds_count", tier="store", result="hit") == 1
+    assert value(parsed, "lazyfs_image_fetched_chunks_total", image=digest) == 1
+    assert f"chunks/{addresses[0].hex()}" in proxy.requests[1][1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from lazyfs import notify
-from lazyfs.config import FIELDS, DaemonConfig, load_config
 from lazyfs.daemon import is_mounted, start_background, unmount
 from lazyfs.store import FileStore
 from tests.support.daemon import DaemonProcess, cleanup, daemon_config, toml_text
@@ -215,38 +213,6 @@ def test_daemon_watchdog_for_other_pid(start_daemon):
     assert daemon.wait() == 0
     # Everything the daemon sent is queued once it has exited.
     assert pending(sock) == ["STOPPING=1"]
-
-
-# ---------------------------------------------------------------------------
-# The systemd unit and its example configuration
-
-SYSTEMD_DIRECTORY = Path(__file__).resolve().parent.parent / "systemd"
-INSTALLED_COMMAND = "/usr/local/bin/lazyfs"
-
-
-def test_example_config_is_the_defaults():
-    assert load_config(SYSTEMD_DIRECTORY / "lazyfs.toml") == DaemonConfig()
-
-
-def test_example_config_names_every_key():
-    text = (SYSTEMD_DIRECTORY / "lazyfs.toml").read_text()
-    for key in FIELDS:
-        assert f"\n{key} = " in text or f"\n# {key} = " in text, key
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is missing")
-def test_service_unit_verifies(tmp_path: Path):
-    # verify rejects an ExecStart that does not exist, so the copy runs this
-    # environment's lazyfs command instead of the installed one.
-    text = (SYSTEMD_DIRECTORY / "lazyfs.service").read_text()
-    assert f"ExecStart={INSTALLED_COMMAND} mount --foreground" in text
-    command = Path(sys.executable).parent / "lazyfs"
-    unit = tmp_path / "lazyfs.service"
-    unit.write_text(text.replace(INSTALLED_COMMAND, str(command)))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout + result.stderr == ""
 
 
 @pytest.mark.fuse
