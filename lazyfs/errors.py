@@ -25,6 +25,15 @@ class ObjectNotFound(StoreError):
         self.key = key
 
 
+class BucketNotFound(StoreError):
+    """The store's S3 bucket does not exist (a definite result, not retried)."""
+
+    def __init__(self, bucket: str, url: str):
+        super().__init__(f"S3 bucket {bucket!r} of store {url} does not exist: create it "
+                         f"(for example with aws s3 mb s3://{bucket}) or correct the store URL")
+        self.bucket = bucket
+
+
 class StoreUnavailable(StoreError):
     """The store did not respond, or kept failing, within the retry budget."""
 

@@ -23,10 +23,18 @@ the usage is at most LOW_WATER_FRACTION of the budget, so eviction runs in
 batches and not on every put. LMDB needs more room than the values for its
 B-tree pages and copy-on-write, so the map is larger than the budget
 (``default_map_size``). The map size is fixed, so a full map (MapFullError) can
-still happen when the map is small for the budget. Then a quarter of the bytes
-are evicted and the put is retried. If even that eviction fails, the cache is
-emptied. A put that still fails is dropped and counted, so a reader never
-sees an error from this tier.
+still happen when the map is small for the budget. A full disk can happen too,
+when the file system has less free space than the budget. LMDB reports that
+as a failed commit (EIO), which the tier takes for a full disk when the file
+system has less than DISK_FULL_FREE_BYTES free. In both cases a quarter of the
+bytes are evicted and the write is retried, because LMDB reuses the freed
+pages instead of growing the file. If even that eviction fails, the cache is
+emptied. A write that still fails is dropped and counted, and a batch of
+chunks is then retried one chunk per transaction, so a reader never sees an
+error from this tier. The first full map and the first full disk are each
+logged once as a warning with the bytes in use, the budget, the map size and
+the free space. Later ones are counted in ``map_full`` and ``disk_full`` and
+logged at DEBUG.
 
 Integrity: every read recomputes the checksum. An entry that fails it is
 deleted and counted in ``corrupt``, and the read is a miss, so the chain
@@ -52,6 +60,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import os
 import struct
 from collections import Counter
 from pathlib import Path
@@ -61,6 +70,7 @@ import lmdb
 import trio
 import xxhash
 
+from .logutil import current_image
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,9 @@ FORMAT_VERSION = 1
 TOUCH_BATCH = 256
 LOW_WATER_FRACTION = 0.9
 MAX_WRITE_ATTEMPTS = 3
+# A write that fails while the file system has less than this free is taken as
+# a full disk: a put_many batch is at most 16 chunks of about 1 MiB, plus pages.
+DISK_FULL_FREE_BYTES = 64 << 20
 
 CHECKSUM_BYTES = 8
 _U64 = struct.Struct(">Q")
@@ -122,6 +135,8 @@ class LmdbTier(Tier):
         self._write_lock = trio.Lock()
         self._touches: set[bytes] = set()
         self._closed = False
+        # Kinds of trouble ("map_full", "disk_full", ...) already logged as a warning.
+        self._warned: set[str] = set()
         self._open_checked()
 
     # -- opening -----------------------------------------------------------
@@ -229,8 +244,8 @@ class LmdbTier(Tier):
         if result is _CORRUPT:
             self.counters["corrupt"] += 1
             self.counters["misses"] += 1
-            log.warning("disk cache entry for chunk %s failed its XXH3 check; dropping it",
-                        address.hex())
+            log.warning("disk cache entry for chunk %s of image %s failed its XXH3 check; dropping it",
+                        address.hex(), current_image() or "-")
             try:
                 await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
             except (lmdb.Error, struct.error, ValueError) as exc:
@@ -285,16 +300,23 @@ class LmdbTier(Tier):
             for address, data in accepted:
                 self._insert(txn, tick, address, data, counts)
 
-        await self._write(insert_all)
+        if await self._write(insert_all) or len(accepted) == 1:
+            return
+        # LMDB reuses pages freed by eviction only in a later transaction, so
+        # a batch can fail where its chunks fit one at a time.
+        for address, data in accepted:
+            await self.put(address, data)
 
-    async def _write(self, step: WriteStep | None) -> None:
+    async def _write(self, step: WriteStep | None) -> bool:
+        """Run ``step`` in a write transaction; return False when it was dropped."""
         async with self._write_lock:
             touches, self._touches = self._touches, set()
             counts = await trio.to_thread.run_sync(self._write_sync, step, touches)
         self.counters.update(counts)
+        return not counts["put_failures"]
 
     def _write_sync(self, step: WriteStep | None, touches: set[bytes]) -> Counter:
-        """Run one write transaction: record reads, then ``step``; recover from a full map."""
+        """Run one write transaction: record reads, then ``step``; recover from a full map or disk."""
         counts: Counter[str] = Counter()
         for _attempt in range(MAX_WRITE_ATTEMPTS):
             attempt_counts: Counter[str] = Counter()
@@ -307,15 +329,43 @@ class LmdbTier(Tier):
                     used = self._used(txn)
             except lmdb.MapFullError:
                 counts["map_full"] += 1
+                self._report_full("map_full", "the LMDB map is full",
+                                  "raise disk_cache_map_bytes or lower disk_cache_bytes")
+                self._free_map_space(counts)
+                continue
+            except lmdb.Error:
+                if self._free_disk_bytes() >= DISK_FULL_FREE_BYTES:
+                    raise
+                counts["disk_full"] += 1
+                self._report_full("disk_full", "the file system is full",
+                                  "lower disk_cache_bytes or free space on that file system")
                 self._free_map_space(counts)
                 continue
             counts.update(attempt_counts)
             self.used_bytes = used
             return counts
         counts["put_failures"] += 1
-        log.warning("disk cache %s: a write failed %d times with a full map; dropping it",
-                    self.path, MAX_WRITE_ATTEMPTS)
+        self._warn_once("write_dropped", "disk cache %s: a write failed %d times for lack of space; "
+                        "dropping it", self.path, MAX_WRITE_ATTEMPTS)
         return counts
+
+    def _report_full(self, counter: str, condition: str, remedy: str) -> None:
+        self._warn_once(counter, "disk cache %s: %s (%d bytes of chunks in use, budget %d bytes, "
+                        "map size %d bytes, %d bytes free on the file system). Evicting the oldest "
+                        "entries; later cases are only counted in %s. To keep more cached, %s",
+                        self.path, condition, self.used_bytes, self.capacity_bytes, self.map_size_bytes,
+                        self._free_disk_bytes(), counter, remedy)
+
+    def _warn_once(self, kind: str, message: str, *args) -> None:
+        """Log ``message`` as a warning the first time ``kind`` happens, later at DEBUG."""
+        level = logging.DEBUG if kind in self._warned else logging.WARNING
+        self._warned.add(kind)
+        log.log(level, message, *args)
+
+    def _free_disk_bytes(self) -> int:
+        """Return the bytes that unprivileged writers may still use on the cache's file system."""
+        stats = os.statvfs(self.path)
+        return stats.f_bavail * stats.f_frsize
 
     def _insert(self, txn: lmdb.Transaction, tick: bytes, address: bytes, data: bytes,
                 counts: Counter) -> None:
@@ -379,14 +429,15 @@ class LmdbTier(Tier):
             txn.put(address, tick, db=self._ticks)
 
     def _free_map_space(self, counts: Counter) -> None:
-        """Make room after MapFullError: evict a quarter of the bytes, or empty the cache."""
+        """Make room after a full map or disk: evict a quarter of the bytes, or empty the cache."""
         try:
             with self._env.begin(write=True) as txn:
                 self._evict(txn, max(1, self._used(txn) // 4), counts)
-                self.used_bytes = self._used(txn)
-        except lmdb.MapFullError:
-            log.warning("disk cache %s: the map is too full to evict; dropping every entry",
-                        self.path)
+                used = self._used(txn)
+            self.used_bytes = used
+        except lmdb.Error as exc:
+            self._warn_once("reset", "disk cache %s: evicting failed (%s); dropping every entry",
+                            self.path, exc)
             with self._env.begin(write=True) as txn:
                 self._drop_all(txn)
             self.used_bytes = 0
@@ -415,7 +466,7 @@ class LmdbTier(Tier):
 
     def stats(self) -> dict[str, int]:
         result = {"hits": 0, "misses": 0, "bytes_served": 0, "puts": 0, "evictions": 0,
-                  "corrupt": 0, "map_full": 0, "put_failures": 0}
+                  "corrupt": 0, "map_full": 0, "disk_full": 0, "put_failures": 0}
         result.update(self.counters)
         entries = 0
         if not self._closed:

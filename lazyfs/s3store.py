@@ -11,8 +11,10 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from .errors import ObjectNotFound, StoreError
-from .store import Store, StoreOptions, retry
+from .errors import BucketNotFound, ObjectNotFound, StoreError, StoreUnavailable
+from .logutil import register_secret
+from .store import (RESULT_ERROR, RESULT_NOT_FOUND, RESULT_OK, RESULT_UNAVAILABLE, Store,
+                    StoreOptions, retry)
 
 _TEMPORARY_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
@@ -61,26 +63,48 @@ class S3Store(Store):
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=options.max_connections,
         )
-        self._client = boto3.session.Session().client(
+        session = boto3.session.Session()
+        self._client = session.client(
             "s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config
         )
+        _register_credentials(session)
 
     def _run(self, operation: str, key: str, call):
         self._count(operation)
         try:
-            return retry(operation, key, self.options, call, _is_temporary)
+            value = retry(operation, key, self.options, call, _is_temporary,
+                          on_retry=lambda: self._count_retry(operation))
+        except StoreUnavailable:
+            self._count_result(operation, RESULT_UNAVAILABLE)
+            raise
         except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                self._count_result(operation, RESULT_ERROR)
+                raise BucketNotFound(self.bucket, self.url) from None
             if _is_not_found(exc):
+                self._count_result(operation, RESULT_NOT_FOUND)
                 raise ObjectNotFound(key) from None
+            self._count_result(operation, RESULT_ERROR)
             raise StoreError(f"{operation} {key} in {self.url} failed: {exc}") from None
         except botocore.exceptions.BotoCoreError as exc:
+            self._count_result(operation, RESULT_ERROR)
             raise StoreError(f"{operation} {key} in {self.url} failed: {exc}") from None
+        self._count_result(operation, RESULT_OK)
+        return value
 
     def get(self, key: str) -> bytes:
         def call():
             response = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
-            with response["Body"] as body:
+            # StreamingBody.read, unlike the urllib3 response that its context
+            # manager returns, turns a timeout or a broken connection in the body
+            # into a botocore error and checks the Content-Length.
+            # TODO: a body that arrives slower than one byte per read_timeout_s
+            # holds this worker thread, and a fetch slot, until its last byte.
+            body = response["Body"]
+            try:
                 return body.read()
+            finally:
+                body.close()
 
         return self._run("get", key, call)
 
@@ -113,3 +137,15 @@ class S3Store(Store):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _register_credentials(session: boto3.session.Session) -> None:
+    """Keep the credentials boto3 resolved out of every log line (``lazyfs.logutil``)."""
+    credentials = session.get_credentials()
+    if credentials is None:
+        return
+    # NOTE: credentials that refresh (an instance role) are registered as they
+    # are now; later ones rely on the pattern rules of lazyfs.logutil.
+    frozen = credentials.get_frozen_credentials()
+    for value in (frozen.access_key, frozen.secret_key, frozen.token):
+        register_secret(value)

@@ -5,6 +5,8 @@ A store is a flat namespace of immutable objects:
 - ``chunks/<sha256 hex>``   one stored chunk object (see ``lazyfs.chunk``)
 - ``indexes/<sha256 hex>``  one image index, named by the SHA-256 of its bytes
 - ``refs/<kind>/<name>``    a small JSON record naming an index (see ``lazyfs.refs``)
+- ``layers/<diff_id hex>/<chunking tag>``  what indexing one layer produced, so
+  that the indexer can skip that layer later (see ``lazyfs.indexer.layercache``)
 
 Every ``put`` is atomic: a reader sees the whole object or none. Stores are
 blocking and thread-safe; the daemon calls them through worker threads.
@@ -27,8 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ObjectNotFound, StoreError, StoreUnavailable
+from .logutil import RateLimitedLog, current_image
 
 log = logging.getLogger(__name__)
+# Retry lines repeat when the same object fails again and again; see ``retry``.
+_retry_log = RateLimitedLog(log)
+
+# Results counted per request by ``Store.result_counts``.
+RESULT_OK = "ok"
+RESULT_NOT_FOUND = "not_found"
+RESULT_UNAVAILABLE = "unavailable"
+RESULT_ERROR = "error"
 
 
 @dataclass(frozen=True)
@@ -53,15 +64,42 @@ class Store:
     def __init__(self) -> None:
         self._stats_lock = threading.Lock()
         self.requests: Counter[str] = Counter()
+        self.results: Counter[tuple[str, str]] = Counter()
+        self.retries: Counter[str] = Counter()
 
     def _count(self, what: str) -> None:
         with self._stats_lock:
             self.requests[what] += 1
 
+    def _count_result(self, operation: str, result: str) -> None:
+        with self._stats_lock:
+            self.results[operation, result] += 1
+
+    def _count_retry(self, operation: str) -> None:
+        with self._stats_lock:
+            self.retries[operation] += 1
+
     def request_counts(self) -> dict[str, int]:
         """Return a snapshot of the request counters by operation (get, put, head, list)."""
         with self._stats_lock:
             return dict(self.requests)
+
+    def result_counts(self) -> dict[str, dict[str, int]]:
+        """Return finished requests by operation and result (ok, not_found, unavailable, error).
+
+        A request counts once, after its retries: ``unavailable`` means the
+        retries ran out, ``error`` a definite failure other than not found.
+        """
+        with self._stats_lock:
+            result: dict[str, dict[str, int]] = {}
+            for (operation, outcome), count in sorted(self.results.items()):
+                result.setdefault(operation, {})[outcome] = count
+            return result
+
+    def retry_counts(self) -> dict[str, int]:
+        """Return the retries of temporary failures by operation."""
+        with self._stats_lock:
+            return dict(self.retries)
 
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raise ObjectNotFound or StoreError."""
@@ -128,11 +166,15 @@ class FileStore(Store):
     def get(self, key: str) -> bytes:
         self._count("get")
         try:
-            return self._path(key).read_bytes()
+            data = self._path(key).read_bytes()
         except FileNotFoundError:
+            self._count_result("get", RESULT_NOT_FOUND)
             raise ObjectNotFound(key) from None
         except OSError as exc:
+            self._count_result("get", RESULT_ERROR)
             raise StoreError(f"reading {key} from {self.url} failed: {exc.strerror}") from exc
+        self._count_result("get", RESULT_OK)
+        return data
 
     def put(self, key: str, data: bytes) -> None:
         self._count("put")
@@ -151,14 +193,18 @@ class FileStore(Store):
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError as exc:
+            self._count_result("put", RESULT_ERROR)
             raise StoreError(f"writing {key} to {self.url} failed: {exc.strerror}") from exc
+        self._count_result("put", RESULT_OK)
 
     def exists(self, key: str) -> bool:
         self._count("head")
+        self._count_result("head", RESULT_OK)
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
         self._count("list")
+        self._count_result("list", RESULT_OK)
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return []
@@ -177,11 +223,14 @@ def backoff_delay(attempt: int, options: StoreOptions) -> float:
     return random.uniform(0, cap)
 
 
-def retry(operation: str, key: str, options: StoreOptions, call, is_temporary):
+def retry(operation: str, key: str, options: StoreOptions, call, is_temporary, on_retry=None):
     """Run ``call`` until it succeeds, a definite error occurs or attempts run out.
 
     ``is_temporary(exc)`` classifies an exception; temporary ones are retried
-    with backoff, logged at INFO on the first retry and WARNING after that.
+    with backoff, logged at INFO on the first retry and WARNING after that,
+    and reported to ``on_retry()`` when given. The line names the image of
+    the current ``lazyfs.logutil.image_context``. The same attempt of the same
+    key is logged once a minute at most, with a count of the repeats.
     """
     attempt = 1
     while True:
@@ -195,8 +244,12 @@ def retry(operation: str, key: str, options: StoreOptions, call, is_temporary):
                     f"{operation} {key} failed after {attempt} attempts: {exc}"
                 ) from exc
             delay = backoff_delay(attempt, options)
+            if on_retry is not None:
+                on_retry()
             level = logging.INFO if attempt == 1 else logging.WARNING
-            log.log(level, "%s %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                    operation, key, attempt, options.max_attempts, delay, exc)
+            _retry_log.log(level, (operation, key, attempt),
+                           "%s %s for image %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                           operation, key, current_image() or "-", attempt, options.max_attempts,
+                           delay, exc)
             time.sleep(delay)
             attempt += 1

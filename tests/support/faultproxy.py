@@ -1,7 +1,10 @@
 """An HTTP proxy on loopback that injects faults in front of a real server.
 
-Each request takes the next action of a script (then ``pass`` once the
-script is used up):
+Each request takes the next action of a script. Once the script is used up,
+a request takes ``pass``, or with ``random_faults(rate, actions, seed)`` a
+fault drawn from ``actions`` with probability ``rate``. The draws come from a
+``random.Random(seed)``, so a seed always gives the same sequence of actions,
+whichever requests they land on. The actions:
 
 - ``pass``:  forward the request to the upstream server and relay its response;
 - ``503`` (or any 3-digit status): answer with that status and an S3 error body;
@@ -11,6 +14,8 @@ script is used up):
 - ``stall``: read the request and never answer (until the proxy stops);
 - ``cut N``: forward, send the headers and the first N bytes of the body, then
   reset the connection;
+- ``hang N``: forward, send the headers and the first N bytes of the body, then
+  send nothing more and keep the connection open (until the proxy stops);
 - ``trickle``: forward, then send the body one byte a second (until the
   client disconnects or the proxy stops);
 - ``unauthorized``: forward without the request's Authorization header;
@@ -18,15 +23,20 @@ script is used up):
 - ``wrong-range``: forward without the Range header and relay the whole body
   as a 206 whose Content-Range starts at byte 0.
 
+``script_for_path(fragment, actions)`` gives the requests whose path contains
+``fragment`` a script of their own, used before the main one while it lasts.
+
 ``requests`` records (method, path, action) for every request received,
 ``request_headers`` the headers of each, and ``statuses`` the status line
-code sent for each request that got one.
+code sent for each request that got one. ``wait_for_requests(count)`` blocks
+until that many requests have arrived.
 """
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import random
 import socket
 import socketserver
 import sys
@@ -59,8 +69,13 @@ class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int, script: Iterable[str] = ()):
         self.upstream = (upstream_host, upstream_port)
         self._script = deque(script)
+        self._path_scripts: list[tuple[str, deque]] = []
         self._lock = threading.Lock()
+        self._arrivals = threading.Condition(self._lock)
         self._stop = threading.Event()
+        self._random: random.Random | None = None
+        self._fault_rate = 0.0
+        self._fault_actions: tuple[str, ...] = ()
         self.requests: list[tuple[str, str, str]] = []
         self.request_headers: list[dict[str, str]] = []
         self.statuses: list[int] = []
@@ -76,11 +91,43 @@ class FaultProxy:
         with self._lock:
             self._script = deque(actions)
 
+    def script_for_path(self, fragment: str, actions: Iterable[str]) -> None:
+        """Give requests whose path contains ``fragment`` a script of their own."""
+        with self._lock:
+            self._path_scripts.append((fragment, deque(actions)))
+
+    def random_faults(self, rate: float, actions: Iterable[str], seed: int) -> None:
+        """After the script, give each request one of ``actions`` with probability ``rate``."""
+        actions = tuple(actions)
+        if not 0 <= rate <= 1 or not actions:
+            raise ValueError(f"random faults need a rate from 0 to 1 and actions, not {rate!r}, {actions!r}")
+        with self._lock:
+            self._random = random.Random(seed)
+            self._fault_rate = rate
+            self._fault_actions = actions
+
+    def wait_for_requests(self, count: int, timeout_s: float = 30.0) -> None:
+        """Block until ``count`` requests have arrived; raise TimeoutError after ``timeout_s``."""
+        with self._arrivals:
+            if not self._arrivals.wait_for(lambda: len(self.requests) >= count, timeout_s):
+                raise TimeoutError(f"only {len(self.requests)} of {count} requests reached the proxy "
+                                   f"within {timeout_s:g} s")
+
     def _next_action(self, method: str, path: str, headers: dict[str, str]) -> str:
         with self._lock:
-            action = self._script.popleft() if self._script else "pass"
+            path_script = next((actions for fragment, actions in self._path_scripts
+                                if fragment in path and actions), None)
+            if path_script is not None:
+                action = path_script.popleft()
+            elif self._script:
+                action = self._script.popleft()
+            elif self._random is not None and self._random.random() < self._fault_rate:
+                action = self._random.choice(self._fault_actions)
+            else:
+                action = "pass"
             self.requests.append((method, path, action))
             self.request_headers.append(headers)
+            self._arrivals.notify_all()
             return action
 
     def __enter__(self) -> "FaultProxy":
@@ -132,6 +179,9 @@ class FaultProxy:
                 if status == "cut":
                     self._forward(body, cut_after=int(header))
                     return
+                if status == "hang":
+                    self._forward(body, hang_after=int(header))
+                    return
                 if action in ("unauthorized", "ignore-range", "wrong-range"):
                     dropped = {"unauthorized": "authorization"}.get(action, "range")
                     self._forward(body, drop_header=dropped, whole_as_partial=action == "wrong-range")
@@ -150,7 +200,8 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(payload)
 
-            def _forward(self, body: bytes, cut_after: int | None = None, trickle: bool = False,
+            def _forward(self, body: bytes, cut_after: int | None = None, hang_after: int | None = None,
+                         trickle: bool = False,
                          drop_header: str | None = None, whole_as_partial: bool = False) -> None:
                 connection = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
@@ -181,6 +232,11 @@ class FaultProxy:
                     self.wfile.write(payload[:cut_after])
                     self.wfile.flush()
                     self._reset()
+                elif hang_after is not None:
+                    self.wfile.write(payload[:hang_after])
+                    self.wfile.flush()
+                    proxy._stop.wait()
+                    self.close_connection = True
                 elif trickle:
                     self._trickle(payload)
                 else:
