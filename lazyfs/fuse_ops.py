@@ -5,9 +5,10 @@ exceptions become errno values, because pyfuse3 lets nothing but FUSEError
 escape a handler (anything else ends its main loop):
 
 - FilesystemError             -> its errno (ENOENT, ENOTDIR, ENODATA, ...)
-- ChunkReadError              -> EIO, logged with the image digest and chunk address
+- ChunkReadError              -> EIO, logged with the image digest and chunk address,
+                                 once per address per ERROR_LOG_INTERVAL_S with a count of repeats
 - StoreError, IndexFormatError, IntegrityError (an index that cannot be loaded)
-                              -> EIO, logged
+                              -> EIO, logged, rate-limited like ChunkReadError per handler and error
 - any other Exception         -> EIO, logged with its traceback
 
 Writes of any kind are EROFS. The mount is also read-only in the kernel
@@ -15,8 +16,9 @@ Writes of any kind are EROFS. The mount is also read-only in the kernel
 
 Caching: images never change, so entries and attributes inside an image are
 cached by the kernel for IMAGE_CACHE_TIMEOUT_S, and files open with
-``keep_cache`` so the page cache survives close and reopen. The mount root and
-images/ change when images attach, so they get SHORT_CACHE_TIMEOUT_S. Direct I/O
+``keep_cache`` so the page cache survives close and reopen. The mount root,
+images/, shifted/ and the id range directories in it change when images attach,
+so they get SHORT_CACHE_TIMEOUT_S. Direct I/O
 stays off: it would bypass the page cache and break shared mmap.
 """
 
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 import pyfuse3
 
 from .errors import ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, StoreError
+from .logutil import RateLimitedLog
 from .tree import Attributes, Tree
 
 if TYPE_CHECKING:
@@ -42,29 +45,10 @@ log = logging.getLogger(__name__)
 IMAGE_CACHE_TIMEOUT_S = 86400.0
 SHORT_CACHE_TIMEOUT_S = 1.0
 
-# Read errors of one chunk address are logged at ERROR once per interval, repeats at DEBUG.
+# Read errors of one chunk address are logged once per interval; the next line counts the repeats.
 ERROR_LOG_INTERVAL_S = 60.0
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-
-
-class _ErrorLog:
-    """Rate limit for repeated read errors, keyed by chunk address."""
-
-    def __init__(self) -> None:
-        self._last_logged: dict[bytes, float] = {}
-        self.suppressed = 0
-
-    def should_log(self, address: bytes) -> bool:
-        now = time.monotonic()
-        last = self._last_logged.get(address)
-        if last is not None and now - last < ERROR_LOG_INTERVAL_S:
-            self.suppressed += 1
-            return False
-        if len(self._last_logged) > 4096:
-            self._last_logged.clear()
-        self._last_logged[address] = now
-        return True
 
 
 def _translate_errors(handler):
@@ -100,13 +84,15 @@ async def _call_translated(handler, self: "Operations", args: tuple):
         log.debug("%s%r: %s", handler.__name__, args[:2], exc)
         raise pyfuse3.FUSEError(exc.errno) from None
     except ChunkReadError as exc:
-        level = logging.ERROR if self.error_log.should_log(exc.address) else logging.DEBUG
-        log.log(level, "%s of inode %s failed with EIO: image %s, chunk %s: %s",
-                handler.__name__, args[0] if args else "-", exc.image_digest,
-                exc.address.hex(), exc.__cause__ or exc)
+        self.error_log.log(logging.ERROR, exc.address,
+                           "%s of inode %s failed with EIO: image %s, chunk %s: %s",
+                           handler.__name__, args[0] if args else "-", exc.image_digest,
+                           exc.address.hex(), exc.__cause__ or exc)
         raise pyfuse3.FUSEError(errno.EIO) from None
     except (StoreError, IndexFormatError, IntegrityError) as exc:
-        log.error("%s%r failed with EIO: %s", handler.__name__, args[:2], exc)
+        # A store that is down fails every lookup of an unloaded image the same way.
+        self.error_log.log(logging.ERROR, (handler.__name__, str(exc)), "%s%r failed with EIO: %s",
+                           handler.__name__, args[:2], exc)
         raise pyfuse3.FUSEError(errno.EIO) from None
     except Exception:
         log.exception("unexpected error in %s%r; returning EIO", handler.__name__, args[:2])
@@ -133,7 +119,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree, metrics: FuseMetrics | None = None):
         super().__init__()
         self.tree = tree
-        self.error_log = _ErrorLog()
+        self.error_log = RateLimitedLog(log, ERROR_LOG_INTERVAL_S)
         self.metrics = metrics
 
     def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:

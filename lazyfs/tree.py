@@ -6,6 +6,22 @@ Plain code without pyfuse3, so tests and tools can use it without a mount;
     /                      inode 1 (ROOT_INODE)
     /images/               inode 2 (IMAGES_INODE), lists the attached images
     /images/<digest>/      an image's root directory, <digest> = index digest in hex
+    /shifted/              inode 3 (SHIFTED_INODE), lists the id ranges in use
+    /shifted/<uid base>:<gid base>:<count>/<digest>/
+                           the same image with shifted owners, for example
+                           shifted/100000:100000:65536/<digest>/
+
+Shifted views: a container in a user namespace sees its ids 0..count-1 as
+host ids base..base+count-1, and libfuse 3.14 cannot negotiate idmapped
+mounts, so the tree shifts owners itself, with ``lazyfs.idshift.IdShift``
+doing every translation. The range name is canonical (decimal without leading
+zeros, count at least 1, base + count - 1 at most 2**32 - 2); any other name
+under shifted/ is ENOENT. A range directory exists from its first lookup, and
+at most MAX_ID_SHIFTS of them.
+
+A shifted view shares its image's index, the chunk tiers and the read-ahead
+state with the plain view, but it has its own inode range, so the kernel never
+mixes up attributes it cached for the two views.
 
 An image is attached on the first lookup of its name: its index is read from
 ``index_cache_dir/<digest>`` if present, else from ``indexes/<digest>`` in the
@@ -15,11 +31,13 @@ is not 64 lowercase hex digits is ENOENT without any store request, and so is
 a digest whose index is not in the store. Concurrent lookups of one image load
 it once.
 
-Inode numbers: each attached image gets the next free range of its index's
-inode count, starting at 3, and global inode = range base + index inode. Ranges
-are never reused while the tree exists, so inode numbers are stable for the
-life of the mount, hardlinks share one number (the index gives them one inode)
-and readdir reports the same numbers as getattr.
+Inode numbers: each view of an image (the plain one when the image attaches,
+each shifted one on its first lookup) gets the next free range of its index's
+inode count, starting at 4, and global inode = range base + index inode. A
+range directory under shifted/ takes the next single number. Ranges are never
+reused while the tree exists, so inode numbers are stable for the life of the
+mount, hardlinks share one number within a view (the index gives them one
+inode) and readdir reports the same numbers as getattr.
 
 Read-ahead: a read that starts where the previous read of the same inode ended
 is sequential. When a sequential reader moves on to a new chunk, background
@@ -53,7 +71,9 @@ import trio
 
 from .errors import (ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, ObjectNotFound,
                      StoreError, StoreUnavailable)
+from .idshift import IdShift
 from .index import Index, Inode
+from .logutil import image_context
 from .refs import index_key
 from .store import Store
 from .tiers import TierChain
@@ -62,8 +82,14 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 IMAGES_INODE = 2
-FIRST_IMAGE_INODE = 3
+SHIFTED_INODE = 3
+FIRST_IMAGE_INODE = 4
 IMAGES_NAME = b"images"
+SHIFTED_NAME = b"shifted"
+
+# Range directories under shifted/; each takes an inode number and memory, so
+# names looked up in a loop must not grow the tree without bound.
+MAX_ID_SHIFTS = 1024
 
 # Preferred I/O size reported in st_blksize: programs like cat size their
 # buffers by it, and larger buffers mean fewer FUSE requests.
@@ -142,6 +168,37 @@ class Image:
         return result
 
 
+@dataclass(eq=False)
+class View:
+    """One inode range that shows an image: the plain view (``shift`` None) or a shifted one."""
+
+    image: Image
+    shift: IdShift | None
+    base: int
+
+    @property
+    def end(self) -> int:
+        """First global inode number after this view's range."""
+        return self.base + self.image.index.inode_count
+
+    @property
+    def path(self) -> str:
+        """The view's root directory relative to the mount point."""
+        if self.shift is None:
+            return f"{IMAGES_NAME.decode()}/{self.image.digest}"
+        return f"{SHIFTED_NAME.decode()}/{self.shift.name}/{self.image.digest}"
+
+
+@dataclass(eq=False)
+class _ShiftDirectory:
+    """``shifted/<range>/``: the shifted views of one id range, in attach order."""
+
+    shift: IdShift
+    inode: int
+    changed_ns: int
+    views: dict[str, View] = field(default_factory=dict)
+
+
 class _ReadStream:
     """Read position of one file, for sequential read detection."""
 
@@ -196,10 +253,19 @@ class Tree:
         self.mounted_at_ns = clock_ns()
         self._images_changed_ns = self.mounted_at_ns
         self._images: list[Image] = []
-        self._bases: list[int] = []
         self._by_digest: dict[str, Image] = {}
+        self._plain_views: dict[str, View] = {}
+        # Inode ranges in allocation order: views and range directories.
+        self._bases: list[int] = []
+        self._allocations: list[View | _ShiftDirectory] = []
+        self._shift_directories: dict[IdShift, _ShiftDirectory] = {}
+        self._shifted_changed_ns = self.mounted_at_ns
         self._loads: dict[str, _Load] = {}
         self._next_base = FIRST_IMAGE_INODE
+        # Hooks of the boot traces (lazyfs.prefetch): called on each attach,
+        # and with the chunk numbers of each read, in order, before the fetch.
+        self.on_attach: Callable[[Image], None] | None = None
+        self.on_chunks_read: Callable[[Image, list[int]], None] | None = None
 
     # -- images ------------------------------------------------------------
 
@@ -236,13 +302,15 @@ class Tree:
     async def _load(self, digest: str) -> Image:
         index, size_bytes = await self._load_index(digest)
         image = Image(digest, index, self._next_base, size_bytes, self._clock_ns())
-        self._next_base = image.end
+        self._plain_views[digest] = View(image, None, image.base)
+        self._allocate(self._plain_views[digest], index.inode_count)
         self._images.append(image)
-        self._bases.append(image.base)
         self._by_digest[digest] = image
         self._images_changed_ns = image.attached_at_ns
         log.info("attached image %s: %d inodes from %d, %d bytes of files",
                  digest, index.inode_count, image.base, size_bytes)
+        if self.on_attach is not None:
+            self.on_attach(image)
         return image
 
     async def _load_index(self, digest: str) -> tuple[Index, int]:
@@ -298,18 +366,59 @@ class Tree:
             temporary.unlink(missing_ok=True)
             log.warning("cannot cache index %s at %s: %s", digest, path, exc.strerror)
 
-    def _locate(self, inode: int) -> tuple[Image, int]:
-        """Return (image, index inode) of a global inode number; raise ENOENT."""
+    async def attach_view(self, digest: str, shift: IdShift | None = None) -> View:
+        """Return the plain view of an image, or its view shifted by ``shift``, attaching both on first use."""
+        image = await self.attach(digest)
+        if shift is None:
+            return self._plain_views[digest]
+        directory = self._shift_directory(shift)
+        view = directory.views.get(digest)
+        if view is None:
+            view = View(image, shift, self._next_base)
+            self._allocate(view, image.index.inode_count)
+            directory.views[digest] = view
+            directory.changed_ns = self._clock_ns()
+            log.info("attached image %s shifted by %s: %d inodes from %d",
+                     digest, shift.name, image.index.inode_count, view.base)
+        return view
+
+    def _shift_directory(self, shift: IdShift) -> _ShiftDirectory:
+        directory = self._shift_directories.get(shift)
+        if directory is None:
+            if len(self._shift_directories) >= MAX_ID_SHIFTS:
+                raise FilesystemError(errno.ENOSPC, f"cannot add id range {shift.name}: the mount already "
+                                                    f"has the maximum of {MAX_ID_SHIFTS} id ranges")
+            directory = _ShiftDirectory(shift, self._next_base, self._clock_ns())
+            self._allocate(directory, 1)
+            self._shift_directories[shift] = directory
+            self._shifted_changed_ns = directory.changed_ns
+        return directory
+
+    def _allocate(self, allocation: View | _ShiftDirectory, count: int) -> None:
+        """Give ``allocation`` the next ``count`` inode numbers, which must start at its base."""
+        self._bases.append(self._next_base)
+        self._allocations.append(allocation)
+        self._next_base += count
+
+    def _allocation(self, inode: int) -> View | _ShiftDirectory | None:
         position = bisect.bisect_right(self._bases, inode) - 1
-        if position >= 0:
-            image = self._images[position]
-            if inode < image.end:
-                return image, inode - image.base
-        raise _not_found(f"no inode {inode}")
+        if position < 0:
+            return None
+        allocation = self._allocations[position]
+        if isinstance(allocation, _ShiftDirectory):
+            return allocation if inode == allocation.inode else None
+        return allocation if inode < allocation.end else None
+
+    def _locate(self, inode: int) -> tuple[View, int]:
+        """Return (view, index inode) of a global inode number in an image; raise ENOENT."""
+        allocation = self._allocation(inode)
+        if isinstance(allocation, View):
+            return allocation, inode - allocation.base
+        raise _not_found(f"no image inode {inode}")
 
     def is_image_inode(self, inode: int) -> bool:
-        """Return whether an inode belongs to an image (immutable) rather than to root or images/."""
-        return inode >= FIRST_IMAGE_INODE
+        """Return whether an inode belongs to an image view (immutable) rather than to a directory above one."""
+        return isinstance(self._allocation(inode), View)
 
     # -- lookup and attributes --------------------------------------------
 
@@ -320,37 +429,59 @@ class Tree:
                 return ROOT_INODE
             if name == IMAGES_NAME:
                 return IMAGES_INODE
+            if name == SHIFTED_NAME:
+                return SHIFTED_INODE
             raise _not_found(f"no {name!r} in the mount root")
         if parent == IMAGES_INODE:
-            if name == b".":
-                return IMAGES_INODE
-            if name == b"..":
-                return ROOT_INODE
-            if not _DIGEST_NAME.fullmatch(name):
-                raise _not_found(f"{name!r} is not an index digest (64 lowercase hex digits)")
-            return (await self.attach(name.decode())).base
-        image, local = self._locate(parent)
-        record = image.index.inode(local)
+            if name in (b".", b".."):
+                return IMAGES_INODE if name == b"." else ROOT_INODE
+            return (await self.attach_view(_digest_name(name))).base
+        if parent == SHIFTED_INODE:
+            if name in (b".", b".."):
+                return SHIFTED_INODE if name == b"." else ROOT_INODE
+            shift = IdShift.from_name(name)
+            if shift is None:
+                raise _not_found(f"{name!r} is not an id range (<uid base>:<gid base>:<count>, in decimal)")
+            return self._shift_directory(shift).inode
+        allocation = self._allocation(parent)
+        if isinstance(allocation, _ShiftDirectory):
+            if name in (b".", b".."):
+                return parent if name == b"." else SHIFTED_INODE
+            return (await self.attach_view(_digest_name(name), allocation.shift)).base
+        view, local = self._locate(parent)
+        record = view.image.index.inode(local)
         if not stat.S_ISDIR(record.mode):
             raise FilesystemError(errno.ENOTDIR, f"inode {parent} is not a directory")
         if name == b".":
             return parent
         if name == b"..":
-            return IMAGES_INODE if local == 0 else image.base + record.parent
-        child = image.index.lookup(local, name)
+            return self._view_parent(view) if local == 0 else view.base + record.parent
+        child = view.image.index.lookup(local, name)
         if child is None:
-            raise _not_found(f"no {name!r} in inode {parent} of image {image.digest}")
-        return image.base + child
+            raise _not_found(f"no {name!r} in inode {parent} of image {view.image.digest}")
+        return view.base + child
+
+    def _view_parent(self, view: View) -> int:
+        """Return the inode of the directory that lists a view: images/ or its range directory."""
+        if view.shift is None:
+            return IMAGES_INODE
+        return self._shift_directories[view.shift].inode
 
     def getattr(self, inode: int) -> Attributes:
         """Return the attributes of an inode; raise ENOENT for an unknown one."""
         if inode == ROOT_INODE:
-            return self._directory_attributes(ROOT_INODE, 3, self.mounted_at_ns)
+            return self._directory_attributes(ROOT_INODE, 4, self.mounted_at_ns)
         if inode == IMAGES_INODE:
             return self._directory_attributes(IMAGES_INODE, 2 + len(self._images),
                                               self._images_changed_ns)
-        image, local = self._locate(inode)
-        return _attributes(inode, image.index.inode(local))
+        if inode == SHIFTED_INODE:
+            return self._directory_attributes(SHIFTED_INODE, 2 + len(self._shift_directories),
+                                              self._shifted_changed_ns)
+        allocation = self._allocation(inode)
+        if isinstance(allocation, _ShiftDirectory):
+            return self._directory_attributes(inode, 2 + len(allocation.views), allocation.changed_ns)
+        view, local = self._locate(inode)
+        return _attributes(inode, view.image.index.inode(local), view.shift)
 
     def _directory_attributes(self, inode: int, nlink: int, mtime_ns: int) -> Attributes:
         return Attributes(st_ino=inode, st_mode=stat.S_IFDIR | 0o755, st_nlink=nlink, st_uid=0,
@@ -364,16 +495,23 @@ class Tree:
         returned offset neither repeats nor skips entries. "." and ".." are not
         listed.
         """
+        allocation = self._allocation(inode)
         if inode == ROOT_INODE:
-            names = [(IMAGES_NAME, IMAGES_INODE)]
+            names = [(IMAGES_NAME, IMAGES_INODE), (SHIFTED_NAME, SHIFTED_INODE)]
         elif inode == IMAGES_INODE:
             names = [(image.digest.encode(), image.base) for image in self._images]
+        elif inode == SHIFTED_INODE:
+            names = [(directory.shift.name.encode(), directory.inode)
+                     for directory in self._shift_directories.values()]
+        elif isinstance(allocation, _ShiftDirectory):
+            names = [(digest.encode(), view.base) for digest, view in allocation.views.items()]
         else:
-            image, local = self._locate(inode)
-            if not stat.S_ISDIR(image.index.inode(local).mode):
+            view, local = self._locate(inode)
+            index = view.image.index
+            if not stat.S_ISDIR(index.inode(local).mode):
                 raise FilesystemError(errno.ENOTDIR, f"inode {inode} is not a directory")
-            for position, name, child in image.index.entries(local, start):
-                yield position + 1, name, image.base + child
+            for position, name, child in index.entries(local, start):
+                yield position + 1, name, view.base + child
             return
         for position in range(start, len(names)):
             name, child = names[position]
@@ -387,9 +525,9 @@ class Tree:
     def readlink(self, inode: int) -> bytes:
         """Return a symlink's target bytes; raise EINVAL for other inodes."""
         if self.is_image_inode(inode):
-            image, local = self._locate(inode)
-            if stat.S_ISLNK(image.index.inode(local).mode):
-                return image.index.readlink(local)
+            view, local = self._locate(inode)
+            if stat.S_ISLNK(view.image.index.inode(local).mode):
+                return view.image.index.readlink(local)
         else:
             self.getattr(inode)
         raise FilesystemError(errno.EINVAL, f"inode {inode} is not a symbolic link")
@@ -399,23 +537,26 @@ class Tree:
         if not self.is_image_inode(inode):
             self.getattr(inode)
             return []
-        image, local = self._locate(inode)
-        return sorted(image.index.xattrs(local))
+        view, local = self._locate(inode)
+        return sorted(view.image.index.xattrs(local))
 
     def getxattr(self, inode: int, name: bytes) -> bytes:
         """Return one extended attribute's value; raise ENODATA if the inode has none of that name."""
         value = None
         if self.is_image_inode(inode):
-            image, local = self._locate(inode)
-            value = image.index.xattrs(local).get(name)
+            view, local = self._locate(inode)
+            value = view.image.index.xattrs(local).get(name)
         else:
             self.getattr(inode)
         if value is None:
             raise FilesystemError(errno.ENODATA, f"inode {inode} has no extended attribute {name!r}")
-        return value
+        return value if view.shift is None else view.shift.xattr(name, value)
 
     def statfs(self) -> FsStats:
-        """Return file system totals: the attached images' file bytes and inode counts."""
+        """Return file system totals: the attached images' file bytes and inode counts.
+
+        Shifted views show the same files again, so they add nothing.
+        """
         total_bytes = sum(image.size_bytes for image in self._images)
         inodes = 2 + sum(image.index.inode_count for image in self._images)
         blocks = -(-total_bytes // STATFS_BLOCK_SIZE)
@@ -457,15 +598,21 @@ class Tree:
         self.check_regular_file(inode)
         if offset < 0 or size < 0:
             raise FilesystemError(errno.EINVAL, f"invalid read range: offset {offset}, size {size}")
-        image, local = self._locate(inode)
+        view, local = self._locate(inode)
+        image = view.image
         record = image.index.inode(local)
         end = min(record.size, offset + size)
         if offset >= end:
             return b""
         extents = image.index.extents(local, offset, size)
         if self.readahead_chunks:
-            self._read_ahead(image, inode, local, offset, end, extents)
-        chunks = await self._fetch_chunks(image, sorted({extent.chunk for extent in extents}))
+            # Keyed by the plain view's inode, so reads through any view of a
+            # file continue one stream.
+            self._read_ahead(image, image.base + local, local, offset, end, extents)
+        numbers = sorted({extent.chunk for extent in extents})
+        if self.on_chunks_read is not None:
+            self.on_chunks_read(image, numbers)
+        chunks = await self._fetch_chunks(image, numbers)
         pieces = []
         for extent in extents:
             start = max(offset, extent.file_offset)
@@ -549,7 +696,8 @@ class Tree:
                 # A prefetch waits for the background fills instead of
                 # outrunning them, which would make the chain drop fills.
                 await self.chain.wait_for_fill_room()
-                fetched = await self.chain.fetch(address)
+                with image_context(image.digest):
+                    fetched = await self.chain.fetch(address)
         except (StoreError, IntegrityError) as exc:
             # The chain remembers definite failures, so the demand read of
             # this chunk fails the same way and reports it.
@@ -597,7 +745,8 @@ class Tree:
     async def _fetch_chunk(self, image: Image, number: int) -> bytes:
         address, length = image.index.chunk(number)
         try:
-            fetched = await self.chain.fetch(address)
+            with image_context(image.digest):
+                fetched = await self.chain.fetch(address)
             if len(fetched.data) != length:
                 raise IntegrityError(
                     f"chunk {address.hex()} is {len(fetched.data)} bytes, but the index records {length}")
@@ -618,9 +767,19 @@ def _parse_index(data: bytes, digest: str) -> tuple[Index, int]:
     return index, size_bytes
 
 
-def _attributes(inode: int, record: Inode) -> Attributes:
+def _digest_name(name: bytes) -> str:
+    """Return an image directory's name as an index digest; raise ENOENT for any other name."""
+    if not _DIGEST_NAME.fullmatch(name):
+        raise _not_found(f"{name!r} is not an index digest (64 lowercase hex digits)")
+    return name.decode()
+
+
+def _attributes(inode: int, record: Inode, shift: IdShift | None = None) -> Attributes:
     size = record.size
     blocks = -(-size // 512) if stat.S_ISREG(record.mode) else 0
-    return Attributes(st_ino=inode, st_mode=record.mode, st_nlink=record.nlink, st_uid=record.uid,
-                      st_gid=record.gid, st_size=size, st_blocks=blocks, st_blksize=BLOCK_SIZE,
+    uid, gid = record.uid, record.gid
+    if shift is not None:
+        uid, gid = shift.uid(uid), shift.gid(gid)
+    return Attributes(st_ino=inode, st_mode=record.mode, st_nlink=record.nlink, st_uid=uid,
+                      st_gid=gid, st_size=size, st_blocks=blocks, st_blksize=BLOCK_SIZE,
                       st_rdev=record.rdev, st_mtime_ns=record.mtime_ns)

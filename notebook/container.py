@@ -3,7 +3,10 @@
 State for a container lives in ``<state_dir>/<id>/``: ``config.json`` (the
 bundle), ``upper/`` and ``work/`` (the overlay's writable side) and
 ``rootfs/`` (the overlay mount). All of it is removed when the run ends,
-whatever the outcome.
+whatever the outcome. With a user namespace (``ContainerRequest.id_range``),
+``<id>/`` belongs to the container's root on the host and ``state_dir`` is
+made searchable by others (mode 0711), because runc mounts ``rootfs/`` from
+inside the namespace.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from lazyfs.errors import LazyfsError
 from .imageuser import resolve_user
 from .overlay import OverlayRoot, unmount
 from .runtime_spec import merge_env, runtime_spec
+from .userns import IdRange, check_searchable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class ContainerRequest:
     env: list[str] = field(default_factory=list)
     workdir: str | None = None
     user: str | None = None
+    # Host ids of the container's user namespace; None runs it as host root.
+    id_range: IdRange | None = None
 
 
 def command_args(request: ContainerRequest) -> list[str]:
@@ -219,15 +226,28 @@ def reap_stale_containers(state_dir: Path, runc: Runc) -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
+def _make_searchable(state_dir: Path) -> None:
+    mode = stat.S_IMODE(os.stat(state_dir).st_mode)
+    if mode & 0o011 != 0o011:
+        log.info("making container state directory %s searchable (mode %o) for user namespaces",
+                 state_dir, mode | 0o011)
+        os.chmod(state_dir, mode | 0o011)
+
+
 def run_container(request: ContainerRequest, state_dir: Path, runc: Runc | None = None) -> int:
     """Run one container over ``request.image_dir`` and return the command's exit code."""
     runc = runc or Runc()
     container_id = "lazyfs-" + secrets.token_hex(6)
     state = state_dir / container_id
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner = None
+    if request.id_range is not None:
+        owner = (request.id_range.uid_base, request.id_range.gid_base)
+        _make_searchable(state_dir)
+        check_searchable(state_dir, *owner)
     reap_stale_containers(state_dir, runc)
     try:
-        with OverlayRoot(request.image_dir, state) as root:
+        with OverlayRoot(request.image_dir, state, owner) as root:
             (state / OWNER_FILE).write_text(f"{os.getpid()}\n")
             config = request.image_config
             user = resolve_user(root.rootfs, request.user if request.user is not None else config.get("User", ""))
@@ -238,6 +258,7 @@ def run_container(request: ContainerRequest, state_dir: Path, runc: Runc | None 
                 cwd=request.workdir or config.get("WorkingDir") or "/",
                 user=user,
                 hostname=container_id,
+                id_range=request.id_range,
             )
             (state / "config.json").write_text(json.dumps(spec, indent=1))
             log.debug("starting container %s over %s", container_id, request.image_dir)

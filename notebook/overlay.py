@@ -2,7 +2,12 @@
 
 The image directory on the lazyfs mount is the lower layer. The upper and work
 directories live in the container's state directory on a local filesystem,
-because overlayfs refuses a FUSE upper layer.
+because overlayfs refuses a FUSE upper layer. For a container in a user
+namespace, the lower layer is the daemon's view with shifted owners and the
+state directory, upper and work belong to the host ids of the container's
+root, so that root owns the root directory and can write through the overlay.
+Overlayfs reaches the lower layer with the credentials of its mounter (host
+root), which is why the FUSE mount needs no ``allow_other`` for it.
 """
 
 from __future__ import annotations
@@ -55,11 +60,16 @@ def unmount(target: Path) -> None:
 
 
 class OverlayRoot:
-    """Context manager: ``state/{upper,work,rootfs}`` with the overlay mounted on rootfs."""
+    """Context manager: ``state/{upper,work,rootfs}`` with the overlay mounted on rootfs.
 
-    def __init__(self, lower: Path, state: Path):
+    ``owner`` (uid, gid) owns the state directory, upper and work; host root
+    when None.
+    """
+
+    def __init__(self, lower: Path, state: Path, owner: tuple[int, int] | None = None):
         self.lower = lower
         self.state = state
+        self.owner = owner
         self.upper = state / "upper"
         self.work = state / "work"
         self.rootfs = state / "rootfs"
@@ -72,6 +82,9 @@ class OverlayRoot:
         os.chmod(self.state, 0o700)
         for directory in (self.upper, self.work, self.rootfs):
             directory.mkdir(mode=0o755)
+        if self.owner is not None:
+            for directory in (self.state, self.upper, self.work):
+                os.chown(directory, *self.owner)
         mount_overlay(self.lower, self.upper, self.work, self.rootfs)
         self._mounted = True
         return self

@@ -2,9 +2,16 @@
 
 Steps: find the node's lazyfs daemon through its control socket (start it in
 the background when none responds), resolve IMAGE to its index digest, mount an
-overlayfs with ``<mountpoint>/images/<digest>`` as the lower layer, run the
+overlayfs with the image's directory on the lazyfs mount as the lower layer, run the
 command with runc using the image's Env, WorkingDir and User, then remove the
-container and its upper directory. The exit code is the command's.
+container and its upper directory, and send the daemon a ``trace_save`` request,
+which ends a boot trace recording of the image. The exit code is the command's.
+
+The container gets a user namespace: its ids 0..65535 are host ids from a
+base (``lazyfs.notebook.userns`` says which), and the lower layer is the
+daemon's view ``<mountpoint>/shifted/<uid base>:<gid base>:65536/<digest>``,
+whose owners are shifted into that range. ``--no-userns`` runs the container
+as host root over ``<mountpoint>/images/<digest>`` instead.
 
 Exit codes of lazyfs-run itself (the command's own codes pass through, so
 these apply only when no command ran), as Docker uses them: 125 lazyfs or
@@ -28,6 +35,7 @@ from lazyfs.control_client import ControlClient
 from lazyfs.errors import ControlError, LazyfsError
 
 from .container import ContainerRequest, Runc, run_container
+from .userns import CONTAINER_IDS, MAX_ID, host_id_range
 
 log = logging.getLogger("lazyfs.run")
 
@@ -57,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="set an environment variable (repeatable)")
     parser.add_argument("-w", "--workdir", help="working directory inside the container")
     parser.add_argument("-u", "--user", help="user[:group] inside the container (default: the image's)")
+    parser.add_argument("--no-userns", action="store_true",
+                        help="run without a user namespace, so root in the container is host root")
+    parser.add_argument("--userns-base", type=int, metavar="ID",
+                        help="first host uid and gid of the container's 65536 ids (default: root's "
+                             "entry in /etc/subuid and /etc/subgid, else 100000)")
     parser.add_argument("--stats", action="store_true",
                         help="print timings and bytes fetched per tier to stderr after the run")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
@@ -114,6 +127,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"invalid -e {item!r}: expected NAME=VALUE")
     if args.workdir is not None and not args.workdir.startswith("/"):
         raise UsageError(f"invalid -w {args.workdir!r}: the working directory must be an absolute path")
+    if args.no_userns and args.userns_base is not None:
+        raise UsageError("--userns-base and --no-userns exclude each other")
+    if args.userns_base is not None and not 1 <= args.userns_base <= MAX_ID - CONTAINER_IDS + 1:
+        raise UsageError(f"invalid --userns-base {args.userns_base}: "
+                         f"expected 1 to {MAX_ID - CONTAINER_IDS + 1}")
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
 
@@ -153,6 +171,29 @@ def _print_stats(stats: dict) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def end_boot_trace(client: ControlClient, index_digest: str) -> None:
+    """Ask the daemon to end the image's boot trace recording and write the trace.
+
+    The daemon writes nothing unless it records the image (``trace_record``)
+    and no valid trace exists yet. A failure costs only the trace, so it is a warning.
+    """
+    try:
+        client.request({"op": "trace_save", "index": index_digest})
+    except ControlError as exc:
+        log.warning("ending the boot trace of image %s failed: %s", index_digest, exc)
+
+
+def image_path(image: dict, shifted: bool) -> str:
+    """Return the image's directory relative to the mount point from an ``image`` response."""
+    if "path" in image:
+        return image["path"]
+    if shifted:
+        # A daemon started before shifted views existed ignores "shift".
+        raise LazyfsError("the running lazyfs daemon cannot shift owners for a user namespace: "
+                          "restart it with this version (lazyfs unmount), or pass --no-userns")
+    return f"images/{image['index']}"
+
+
 def _exit_on_sigterm(number, _frame) -> None:
     # SystemExit unwinds through the cleanup of the overlay and the container.
     raise SystemExit(128 + number)
@@ -183,16 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         client, status = connect_daemon(config, args.config, overrides)
         connected = time.monotonic()
         index_digest = client.resolve(args.image)
-        image = client.image(index_digest)
-        image_dir = Path(status["mountpoint"]) / "images" / index_digest
+        id_range = None if args.no_userns else host_id_range(args.userns_base)
+        image = client.image(index_digest, shift=id_range.shift if id_range is not None else None)
+        image_dir = Path(status["mountpoint"]) / image_path(image, id_range is not None)
         before = tier_counters(client.status())
         request = ContainerRequest(
             image_dir=image_dir, image_config=image["config"], args=args.command,
-            env=args.env, workdir=args.workdir, user=args.user)
+            env=args.env, workdir=args.workdir, user=args.user, id_range=id_range)
         prepared = time.monotonic()
         exit_code = run_container(request, args.state_dir, Runc())
         finished = time.monotonic()
         fetched = counters_delta(before, tier_counters(client.status()))
+        end_boot_trace(client, index_digest)
     except LazyfsError as exc:
         print(f"lazyfs-run: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_SETUP_FAILED)

@@ -3,6 +3,12 @@
 The defaults follow what users get from Docker: its default capability set for
 root, a private PID, IPC, UTS, mount and network namespace, masked kernel
 interfaces and a read-only /sys. Devices come from runc's default allow list.
+
+With an ``IdRange`` the container gets a user namespace too, with uidMappings
+and gidMappings from container id 0 to the range's host bases. runc 1.1 then
+bind-mounts its default devices (/dev/null, /dev/zero, ...) from the host
+instead of creating them with mknod(2), which a user namespace forbids, and it
+can mount sysfs only because the container has its own network namespace.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import resource
 from pathlib import Path
 
 from .imageuser import ProcessUser
+from .userns import IdRange
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -60,12 +67,17 @@ def merge_env(image_env: list[str], overrides: list[str], user: ProcessUser) -> 
 
 
 def runtime_spec(rootfs: Path, args: list[str], env: list[str], cwd: str, user: ProcessUser,
-                 hostname: str, terminal: bool = False) -> dict:
-    """Return a runc config for running ``args`` in ``rootfs``."""
+                 hostname: str, terminal: bool = False, id_range: IdRange | None = None) -> dict:
+    """Return a runc config for running ``args`` in ``rootfs``, in a user namespace with ``id_range``."""
     # As many open files as this host allows, up to Docker's default of 1048576.
     nofile = min(1048576, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     # The bounding set stays for every user so setuid programs in the image work.
     effective = DEFAULT_CAPABILITIES if user.uid == 0 else []
+    namespaces = ["pid", "network", "ipc", "uts", "mount"]
+    linux: dict = {}
+    if id_range is not None:
+        namespaces.append("user")
+        linux.update(id_range.mappings())
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -85,8 +97,9 @@ def runtime_spec(rootfs: Path, args: list[str], env: list[str], cwd: str, user: 
         "mounts": _mounts(),
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [{"type": kind} for kind in ("pid", "network", "ipc", "uts", "mount")],
+            "namespaces": [{"type": kind} for kind in namespaces],
             "maskedPaths": _MASKED_PATHS,
             "readonlyPaths": _READONLY_PATHS,
+            **linux,
         },
     }

@@ -18,6 +18,7 @@ import pytest
 
 from lazyfs.notebook.container import Runc, reap_stale_containers
 from tests.support import images, trees
+from tests.support.containers import searchable_directory
 from tests.support.daemon import running_daemon
 from tests.support.s3server import MotoServer
 
@@ -56,6 +57,17 @@ def s3_image(registry, s3_server, debootstrap_image):
     store_url = f"s3://{bucket}/images"
     result = index_from_registry(registry, layout, tag, store_url, s3_server.endpoint_url)
     return store_url, s3_server.endpoint_url, result
+
+
+@pytest.fixture
+def tmp_path():
+    """A temporary directory that a container's root (host uid 100000 by default) can search.
+
+    lazyfs-run starts containers in a user namespace, and pytest's own
+    temporary directories are private to host root.
+    """
+    with searchable_directory(prefix="lazyfs-end-to-end-") as path:
+        yield path
 
 
 def run_command(daemon, tmp_path: Path, image: str, *command: str, extra: tuple[str, ...] = ()):

@@ -43,3 +43,23 @@ def test_overlay_root_existing_state_rejected(tmp_path):
     with pytest.raises(FileExistsError):
         with OverlayRoot(lower, state):
             pass
+
+
+def test_overlay_root_owner(tmp_path):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "file").write_bytes(b"lower")
+    os.chown(lower, 100000, 100000)
+    state = tmp_path / "state"
+
+    with OverlayRoot(lower, state, owner=(100000, 100001)) as root:
+        for directory in (state, root.upper, root.work, root.rootfs):
+            info = os.stat(directory)
+            assert (info.st_uid, info.st_gid) == (100000, 100001), directory
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(root.upper).st_mode) == 0o755
+        (root.rootfs / "new").write_bytes(b"new")
+
+    info = os.stat(state / "upper" / "new")
+    assert (info.st_uid, info.st_gid) == (0, 0)
+    assert (state / "upper" / "new").read_bytes() == b"new"

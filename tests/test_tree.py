@@ -17,7 +17,7 @@ from lazyfs.index import Node
 from lazyfs.refs import chunk_key, index_key
 from lazyfs.store_tier import StoreTier
 from lazyfs.tiers import RamTier, TierChain
-from lazyfs.tree import BLOCK_SIZE, FIRST_IMAGE_INODE, IMAGES_INODE, ROOT_INODE, Tree
+from lazyfs.tree import BLOCK_SIZE, FIRST_IMAGE_INODE, IMAGES_INODE, ROOT_INODE, SHIFTED_INODE, Tree
 from tests.support import sample_image
 from tests.support.sample_image import SampleImage, publish_sample_image, publish_single_file_image
 from tests.support.stores import ScriptedStore
@@ -68,12 +68,12 @@ async def test_tree_root_and_images(store: ScriptedStore):
     assert await tree.lookup(IMAGES_INODE, b"..") == ROOT_INODE
     root = tree.getattr(ROOT_INODE)
     assert root.st_mode == stat.S_IFDIR | 0o755
-    assert root.st_nlink == 3
+    assert root.st_nlink == 4
     assert root.st_mtime_ns == MOUNT_TIME_NS
     images = tree.getattr(IMAGES_INODE)
     assert images.st_mode == stat.S_IFDIR | 0o755
     assert images.st_nlink == 2
-    assert list(tree.entries(ROOT_INODE)) == [(1, b"images", IMAGES_INODE)]
+    assert list(tree.entries(ROOT_INODE)) == [(1, b"images", IMAGES_INODE), (2, b"shifted", SHIFTED_INODE)]
     assert list(tree.entries(IMAGES_INODE)) == []
 
 
