@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .trace import MAX_TRACE_CHUNKS
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -72,6 +73,18 @@ class DaemonConfig:
     # Chunks waiting to be written to the disk tier in the background; a fill
     # that finds the queue full is dropped and counted.
     fill_queue_chunks: int = 64
+    # Boot traces (lazyfs.prefetch). Recording stores the order in which an
+    # image's chunks are first read beside its index. Replay prefetches a
+    # stored trace's chunks in the background when a daemon attaches the image.
+    trace_record: bool = False
+    trace_replay: bool = False
+    # A recording ends this long after the attach, unless a trace_save request
+    # or trace_max_chunks ended it earlier.
+    trace_window_s: float = 60.0
+    trace_max_chunks: int = 4096
+    # Replayed chunk fetches that run at once, in store worker threads of
+    # their own beside the fetch_concurrency threads of demand reads.
+    trace_replay_concurrency: int = 4
     control_socket: str = "/run/lazyfs/control.sock"
     # Daemon log in background mode; None means lazyfs.log next to the control socket.
     log_file: str | None = None
@@ -199,7 +212,8 @@ def find_problem(config: DaemonConfig) -> tuple[str, str] | None:
             return key, "must be >= 0"
     if config.disk_cache_map_bytes is not None and config.disk_cache_map_bytes < MiB:
         return "disk_cache_map_bytes", f"must be at least {MiB} (1 MiB)"
-    for key in ("fetch_concurrency", "store_max_attempts", "fuse_max_tasks", "prefetch_concurrency"):
+    for key in ("fetch_concurrency", "store_max_attempts", "fuse_max_tasks", "prefetch_concurrency",
+                "trace_replay_concurrency"):
         if getattr(config, key) < 1:
             return key, "must be >= 1"
     for key in ("readahead_chunks", "fill_queue_chunks"):
@@ -207,7 +221,9 @@ def find_problem(config: DaemonConfig) -> tuple[str, str] | None:
             return key, "must be >= 0"
     if config.prefetch_concurrency >= config.fetch_concurrency:
         return "prefetch_concurrency", "must be less than fetch_concurrency"
-    for key in ("fetch_timeout_s", "store_connect_timeout_s", "store_read_timeout_s"):
+    if not 1 <= config.trace_max_chunks <= MAX_TRACE_CHUNKS:
+        return "trace_max_chunks", f"must be 1 to {MAX_TRACE_CHUNKS}"
+    for key in ("fetch_timeout_s", "store_connect_timeout_s", "store_read_timeout_s", "trace_window_s"):
         if not getattr(config, key) > 0:
             return key, "must be > 0"
     if config.log_level not in LOG_LEVELS:

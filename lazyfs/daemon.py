@@ -5,8 +5,8 @@ unmounted or the process gets SIGTERM or SIGINT; either way it unmounts, closes
 the tiers and returns exit status 0. Its steps, each a function here:
 
 1. ``prepare_mountpoint``: create the directory. A mount left by a killed
-   daemon fails stat with ENOTCONN because its FUSE connection is gone, and is
-   lazily unmounted. A live mount is an error.
+   daemon fails statfs with ENOTCONN because its FUSE connection is gone, and
+   is lazily unmounted. A live mount is an error.
 2. ``open_configured_store``, ``build_tiers`` (RAM, disk, store) and ``build_tree``.
 3. ``mount``: pyfuse3.init with ``fuse_options``.
 4. ``_serve``: pyfuse3.main, the control socket, the signal watcher and, when
@@ -44,16 +44,18 @@ import lmdb
 import pyfuse3
 import trio
 
-from . import notify, refs
+from . import logutil, notify, refs
 from .config import DaemonConfig, from_dict, to_dict
 from .control import ControlClient, ControlServer
 from .errors import ControlError, DaemonError, LazyfsError
 from .fuse_ops import Operations
 from .lmdb_tier import LmdbTier
-from .metrics import FuseMetrics, MetricsServer, build_registry
+from .metrics import FuseMetrics, MetricsServer, TierMetrics, build_registry
+from .prefetch import BootTraces
 from .store import Store, StoreOptions, open_store
 from .store_tier import StoreTier
 from .tiers import RamTier, Tier, TierChain
+from .idshift import IdShift
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,24 @@ FILESYSTEM_TYPE = "fuse.lazyfs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Service manager variables that a background daemon must not inherit.
 NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# Libraries whose DEBUG lines print every request with its headers; they log
+# at INFO at most, whatever the daemon's log level.
+QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
 def configure_logging(level: str) -> None:
-    """Send log records at ``level`` and above to stderr."""
+    """Send log records at ``level`` and above to stderr, with secrets redacted."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(logutil.SecretFilter())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def log_configuration(config: DaemonConfig) -> None:
+    """Log every configuration value in one line; the log filter redacts secrets in it."""
+    values = ", ".join(f"{key}={value!r}" for key, value in to_dict(config).items())
+    log.info("configuration: %s", values)
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +170,9 @@ def prepare_mountpoint(mountpoint: str | Path) -> None:
         raise DaemonError(f"{path} is already a {filesystem} mount; choose another mount point")
     if filesystem is not None:
         try:
-            os.stat(path)
+            # statfs always reaches the daemon. stat does not, because the kernel
+            # serves it from cached attributes for a while after the daemon died.
+            os.statvfs(path)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise DaemonError(f"mount point {path} is mounted but unusable: {exc.strerror}") from None
@@ -184,7 +201,7 @@ def open_configured_store(config: DaemonConfig) -> Store:
         connect_timeout_s=config.store_connect_timeout_s,
         read_timeout_s=config.store_read_timeout_s,
         max_attempts=config.store_max_attempts,
-        max_connections=max(32, config.fetch_concurrency),
+        max_connections=max(32, config.fetch_concurrency + config.trace_replay_concurrency),
     )
     return open_store(config.store_url, options)
 
@@ -203,7 +220,8 @@ def build_tiers(config: DaemonConfig, store: Store) -> TierChain:
             raise DaemonError(f"cannot open the disk cache at {path}: {exc}; check disk_cache_path "
                               "or set disk_cache_bytes = 0") from None
     tiers.append(StoreTier(store, fetch_concurrency=config.fetch_concurrency,
-                           fetch_timeout_s=config.fetch_timeout_s))
+                           fetch_timeout_s=config.fetch_timeout_s,
+                           background_concurrency=config.trace_replay_concurrency))
     return TierChain(tiers, fill_queue_size=config.fill_queue_chunks)
 
 
@@ -235,8 +253,18 @@ def mount(operations: Operations, config: DaemonConfig) -> None:
     log.info("mounted lazyfs at %s", config.mountpoint)
 
 
+def build_boot_traces(config: DaemonConfig, store: Store, chain: TierChain, tree: Tree) -> BootTraces:
+    """Return the boot trace recorder and replayer, following the tree's attaches and reads."""
+    traces = BootTraces(store, chain, record=config.trace_record, replay=config.trace_replay,
+                        window_s=config.trace_window_s, max_chunks=config.trace_max_chunks,
+                        concurrency=config.trace_replay_concurrency,
+                        store_timeout_s=config.fetch_timeout_s)
+    traces.attach_to(tree)
+    return traces
+
+
 def status_reporter(config: DaemonConfig, store: Store, tree: Tree, chain: TierChain,
-                    started_at_ns: int):
+                    started_at_ns: int, traces: BootTraces | None = None):
     """Return the function that builds the control socket's status response."""
 
     def status() -> dict[str, Any]:
@@ -251,13 +279,16 @@ def status_reporter(config: DaemonConfig, store: Store, tree: Tree, chain: TierC
             "chain": chain.chain_stats(),
             "readahead": tree.readahead_stats(),
             "store_requests": store.request_counts(),
+            "traces": traces.status() if traces is not None else {},
+            "store_results": store.result_counts(),
+            "store_retries": store.retry_counts(),
         }
 
     return status
 
 
-def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
-    """Return the control socket's ``resolve``, ``image`` and ``sync`` request handlers."""
+def image_handlers(store: Store, tree: Tree, traces: BootTraces | None = None) -> dict[str, Any]:
+    """Return the control socket's ``resolve``, ``image``, ``sync`` and ``trace_save`` request handlers."""
 
     async def resolve(request: dict[str, Any]) -> dict[str, Any]:
         reference = request.get("reference")
@@ -274,17 +305,29 @@ def image_handlers(store: Store, tree: Tree) -> dict[str, Any]:
         digest = request.get("index")
         if not isinstance(digest, str) or not refs.is_index_digest(digest):
             raise LazyfsError(f"image needs 'index', a 64-digit hex index digest, not {digest!r}")
-        attached = await tree.attach(digest)
+        shift = None
+        if request.get("shift") is not None:
+            name = request["shift"]
+            shift = IdShift.from_name(name.encode()) if isinstance(name, str) else None
+            if shift is None:
+                raise LazyfsError(f"invalid 'shift' {name!r}: expected '<uid base>:<gid base>:<count>' in decimal")
+        view = await tree.attach_view(digest, shift)
+        attached = view.image
         config = attached.index.config
         return {"index": digest, "config": config.get("config", {}), "source": config.get("source", {}),
-                "files": attached.file_count, "size_bytes": attached.size_bytes}
+                "files": attached.file_count, "size_bytes": attached.size_bytes, "path": view.path}
 
     async def sync(_request: dict[str, Any]) -> dict[str, Any]:
-        # Background fills of the disk tier land before the response.
+        # Trace replays, then the background fills of the disk tier, finish before the response.
+        if traces is not None:
+            await traces.wait_idle()
         await tree.chain.wait_for_fills()
         return {}
 
-    return {"resolve": resolve, "image": image, "sync": sync}
+    handlers = {"resolve": resolve, "image": image, "sync": sync}
+    if traces is not None:
+        handlers.update(traces.control_handlers())
+    return handlers
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +343,7 @@ def run(config: DaemonConfig, notify_ready: Callable[[], None] | None = None) ->
     """
     log.info("lazyfs daemon %d starting: store %s, mount point %s",
              os.getpid(), config.store_url, config.mountpoint)
+    log_configuration(config)
     prepare_mountpoint(config.mountpoint)
     try:
         trio.run(_main, config, notify_ready)
@@ -310,6 +354,8 @@ def run(config: DaemonConfig, notify_ready: Callable[[], None] | None = None) ->
         if matched is None or rest is not None:
             raise
         raise _first_leaf(matched) from group
+    finally:
+        logutil.flush_suppressed()
     log.info("lazyfs daemon %d stopped", os.getpid())
     return 0
 
@@ -325,10 +371,13 @@ async def _main(config: DaemonConfig, notify_ready: Callable[[], None] | None) -
         chain = build_tiers(config, store)
         try:
             tree = build_tree(config, store, chain)
-            fuse_metrics = FuseMetrics() if config.metrics_address is not None else None
+            fuse_metrics = tier_metrics = None
+            if config.metrics_address is not None:
+                fuse_metrics, tier_metrics = FuseMetrics(), TierMetrics()
+                chain.get_observer = tier_metrics.observe
             mount(Operations(tree, fuse_metrics), config)
             try:
-                await _serve(config, store, tree, chain, notify_ready, fuse_metrics)
+                await _serve(config, store, tree, chain, notify_ready, fuse_metrics, tier_metrics)
             finally:
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", config.mountpoint)
@@ -339,15 +388,18 @@ async def _main(config: DaemonConfig, notify_ready: Callable[[], None] | None) -
 
 
 async def _serve(config: DaemonConfig, store: Store, tree: Tree, chain: TierChain,
-                 notify_ready: Callable[[], None] | None, fuse_metrics: FuseMetrics | None) -> None:
-    status = status_reporter(config, store, tree, chain, time.time_ns())
-    control = ControlServer(config.control_socket, status, image_handlers(store, tree))
+                 notify_ready: Callable[[], None] | None, fuse_metrics: FuseMetrics | None,
+                 tier_metrics: TierMetrics | None) -> None:
+    traces = build_boot_traces(config, store, chain, tree)
+    status = status_reporter(config, store, tree, chain, time.time_ns(), traces)
+    control = ControlServer(config.control_socket, status, image_handlers(store, tree, traces))
     stop_notice = _StopNotice()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve)
             if config.metrics_address is not None:
-                metrics_server = MetricsServer(config.metrics_address, build_registry(status, fuse_metrics))
+                registry = build_registry(status, fuse_metrics, tier_metrics)
+                metrics_server = MetricsServer(config.metrics_address, registry)
                 await nursery.start(metrics_server.serve)
             await nursery.start(_watch_signals, nursery.cancel_scope, stop_notice)
             nursery.start_soon(_run_fuse, config, nursery.cancel_scope)

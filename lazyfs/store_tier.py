@@ -5,7 +5,9 @@ many fetches run at once (``fetch_concurrency`` worker threads). It also bounds
 how long one chunk may take in total (``fetch_timeout_s``), waiting for a free
 thread and every retry included. A fetch that times out leaves its thread to finish in
 the background. trio releases the limiter slot only when that thread returns,
-so timed-out fetches cannot pile up past the bound.
+so timed-out fetches cannot pile up past the bound. Fetches that
+``lazyfs.prefetch`` marks as background prefetches run in a separate pool of
+``background_concurrency`` threads, so they never take a slot from a demand read.
 
 The stored object is decoded and checked against its address inside the worker
 thread (``lazyfs.chunk.decode``), so ``get`` returns verified bytes or raises.
@@ -17,6 +19,7 @@ import trio
 
 from . import chunk
 from .errors import IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
+from .prefetch import in_background
 from .refs import chunk_key
 from .store import Store
 from .tiers import Tier
@@ -35,10 +38,13 @@ class StoreTier(Tier):
     fill_in_background = True
 
     def __init__(self, store: Store, *, name: str = "store", fetch_concurrency: int = 16,
-                 fetch_timeout_s: float = 30.0, missing_is_miss: bool = False):
+                 fetch_timeout_s: float = 30.0, missing_is_miss: bool = False,
+                 background_concurrency: int = 4):
         super().__init__()
         if fetch_concurrency < 1:
             raise ValueError(f"fetch_concurrency must be >= 1, not {fetch_concurrency}")
+        if background_concurrency < 1:
+            raise ValueError(f"background_concurrency must be >= 1, not {background_concurrency}")
         if fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, not {fetch_timeout_s}")
         self.name = name
@@ -46,14 +52,21 @@ class StoreTier(Tier):
         self.fetch_timeout_s = fetch_timeout_s
         self.missing_is_miss = missing_is_miss
         self._limiter = trio.CapacityLimiter(fetch_concurrency)
+        # Fetches inside lazyfs.prefetch.background_fetches() use threads of
+        # their own, so they never hold a slot that a demand read waits for.
+        self._background_limiter = trio.CapacityLimiter(background_concurrency)
 
     async def get(self, address: bytes) -> bytes | None:
         key = chunk_key(address)
         self.counters["requests"] += 1
+        limiter = self._limiter
+        if in_background():
+            self.counters["background_requests"] += 1
+            limiter = self._background_limiter
         try:
             with trio.fail_after(self.fetch_timeout_s):
                 stored_bytes, data = await trio.to_thread.run_sync(
-                    self._fetch, key, address, limiter=self._limiter, abandon_on_cancel=True)
+                    self._fetch, key, address, limiter=limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
             self.counters["timeouts"] += 1
             raise StoreUnavailable(
@@ -94,6 +107,7 @@ class StoreTier(Tier):
 
     def stats(self) -> dict[str, int]:
         result = {"requests": 0, "bytes": 0, "hits": 0, "misses": 0, "bytes_served": 0,
-                  "not_found": 0, "integrity_errors": 0, "errors": 0, "timeouts": 0}
+                  "not_found": 0, "integrity_errors": 0, "errors": 0, "timeouts": 0,
+                  "background_requests": 0}
         result.update(self.counters)
         return result

@@ -6,6 +6,7 @@ the chunk's uncompressed bytes::
     await tier.get(address) -> bytes | None   None is a miss
     await tier.put(address, data)             data has already been verified
     await tier.put_many([(address, data)])    several puts, at once where the tier can
+    tier.has_room(size) -> bool               whether a put fits without an eviction
     tier.stats() -> dict[str, int]            counters for the control socket
     await tier.aclose()                       flush and release resources
 
@@ -17,7 +18,9 @@ returns them, so no tier is ever handed unverified bytes.
 ``TierChain`` queries its tiers nearest first. When tier k has the chunk, the chain
 puts it into tiers 0..k-1, so the next read is served nearer. A nearer store is
 filled from a farther one the same way. Tiers whose ``fill_in_background`` is
-false (the RAM tier) are filled before the reader gets the chunk. The others
+false (the RAM tier) are filled before the reader gets the chunk, except that a
+background prefetch (``lazyfs.prefetch.background_fetches``) fills them only
+while ``has_room`` is true, so it never evicts a reader's chunks. The others
 (the LMDB tier, stores) are filled by one background task, so no reader waits
 for a disk write or an upload. Concurrency rules, all within one trio run:
 
@@ -43,15 +46,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import Counter, OrderedDict
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import trio
 
 from .errors import IntegrityError, ObjectNotFound, StoreUnavailable
+from .logutil import RateLimitedLog, current_image
+from .prefetch import in_background
 from .refs import chunk_key
 
 log = logging.getLogger(__name__)
+# A full disk fails every fill, so fill failures are logged once a minute per tier.
+_fill_log = RateLimitedLog(log)
 
 DEFAULT_FAILURE_TTL_S = 10.0
 
@@ -96,6 +104,10 @@ class Tier:
         """Store several verified (address, data) chunks; a tier may write them at once."""
         for address, data in chunks:
             await self.put(address, data)
+
+    def has_room(self, size: int) -> bool:
+        """Return whether a put of ``size`` bytes would fit without evicting anything."""
+        return True
 
     def stats(self) -> dict[str, int]:
         """Return a snapshot of this tier's counters and gauges."""
@@ -142,6 +154,9 @@ class RamTier(Tier):
         self._entries[address] = data
         self.used_bytes += size
         self.counters["puts"] += 1
+
+    def has_room(self, size: int) -> bool:
+        return self.used_bytes + size <= self.capacity_bytes
 
     def stats(self) -> dict[str, int]:
         result = {"hits": 0, "misses": 0, "bytes_served": 0, "puts": 0, "evictions": 0}
@@ -203,6 +218,9 @@ class TierChain:
         # Set and replaced each time a queued fill finishes.
         self._fill_progress = trio.Event()
         self._closing = False
+        # Called as get_observer(tier name, "hit" | "miss" | "error", seconds)
+        # after every tier.get, for the latency metrics; None records nothing.
+        self.get_observer: Callable[[str, str, float], None] | None = None
 
     async def get(self, address: bytes) -> bytes:
         """Return the chunk's verified bytes; raise StoreError or IntegrityError."""
@@ -255,19 +273,34 @@ class TierChain:
             # A chunk from the fill queue did not cross the network again.
             remote = tier.remote and data is None
             if data is None:
-                data = await tier.get(address)
+                data = await self._get_from(tier, address)
             if data is None:
                 continue
             background = []
             for nearer in self.tiers[:position]:
                 if nearer.fill_in_background:
                     background.append(nearer)
+                elif in_background() and not nearer.has_room(len(data)):
+                    # A prefetch never evicts chunks that readers put there.
+                    self.counters["prefetch_fills_skipped"] += 1
                 else:
                     await self._fill(nearer, address, data)
             if background:
                 self._queue_fill(address, data, background)
             return ChunkFetch(data, tier.name, remote, False)
         raise ObjectNotFound(chunk_key(address))
+
+    async def _get_from(self, tier: Tier, address: bytes) -> bytes | None:
+        if self.get_observer is None:
+            return await tier.get(address)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            data = await tier.get(address)
+            outcome = "miss" if data is None else "hit"
+            return data
+        finally:
+            self.get_observer(tier.name, outcome, time.perf_counter() - started)
 
     def _queued_for(self, tier: Tier, address: bytes) -> bytes | None:
         """Return the chunk if it waits in the fill queue for ``tier``, else None."""
@@ -336,8 +369,9 @@ class TierChain:
                 await tier.put_many(chunks)
             except Exception:
                 self.counters["fill_errors"] += len(chunks)
-                log.warning("filling tier %s with %d chunks failed", tier.name, len(chunks),
-                            exc_info=True)
+                _fill_log.log(logging.WARNING, tier.name,
+                              "filling tier %s with %d chunks (the first %s) failed",
+                              tier.name, len(chunks), chunks[0][0].hex(), exc_info=True)
 
     async def _fill(self, tier: Tier, address: bytes, data: bytes) -> None:
         # A cache that cannot keep a chunk costs a later refetch, never this read.
@@ -345,8 +379,8 @@ class TierChain:
             await tier.put(address, data)
         except Exception:
             self.counters["fill_errors"] += 1
-            log.warning("filling tier %s with chunk %s failed", tier.name, address.hex(),
-                        exc_info=True)
+            _fill_log.log(logging.WARNING, tier.name, "filling tier %s with chunk %s of image %s failed",
+                          tier.name, address.hex(), current_image() or "-", exc_info=True)
 
     def _raise_if_failed_recently(self, address: bytes) -> None:
         failure = self._failures.get(address)
