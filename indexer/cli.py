@@ -6,9 +6,11 @@ Exit codes, one per class of failure:
     1  internal error (a bug: rerun with -v for the traceback)
     2  usage: invalid arguments, a malformed SOURCE, --plain-http to a non-loopback host
     3  invalid or hostile image: digest or size mismatch, bad JSON, unknown media
-       type, corrupt compression, unsafe tar entry, no manifest for the platform
+       type, corrupt compression, unsafe tar entry or header, no manifest for the
+       platform, more than --max-image-bytes uncompressed
     4  source failed: registry unreachable or returning an error, missing file or blob
     5  store failed: the chunk, index or ref could not be written
+    6  store not found: the S3 bucket of --store does not exist
 
 An error prints one line, ``lazyfs-index: error: ...``, naming the object
 that failed (blob digest, layer, entry), and no traceback.
@@ -22,13 +24,14 @@ import logging
 import os
 import sys
 
-from ..errors import IntegrityError, LazyfsError, StoreError
+from ..errors import BucketNotFound, IntegrityError, LazyfsError, StoreError
 from ..refs import check_name
 from ..store import StoreOptions, open_store
 from .chunker import ChunkingParams
 from .errors import ImageError, SourceError, UsageError
 from .manifest import Platform
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, IndexOptions, IndexResult, index_image
+from .progress import DEFAULT_INTERVAL_S, Progress
 from .registry import RegistryOptions
 from .source import open_source
 
@@ -42,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_IMAGE = 3
 EXIT_SOURCE = 4
 EXIT_STORE = 5
+EXIT_STORE_NOT_FOUND = 6
 
 _EPILOG = """\
 SOURCE is one of:
@@ -54,9 +58,11 @@ exit codes:
   0  indexed and published
   1  internal error (rerun with -v for the traceback)
   2  usage error
-  3  invalid or hostile image (digest mismatch, corrupt layer, unsafe tar entry, ...)
+  3  invalid or hostile image (digest mismatch, corrupt layer, unsafe tar entry,
+     more than --max-image-bytes, ...)
   4  source failed (registry unreachable or returning an error, missing blob)
   5  store failed
+  6  store not found (the S3 bucket does not exist)
 """
 
 
@@ -109,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print the result as one JSON object")
     output.add_argument("-v", "--verbose", action="count", default=0,
                         help="log progress to stderr; twice for debug output")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="write no progress to stderr (default: a bar on a terminal, "
+                             "else a line every --progress-interval seconds)")
+    output.add_argument("--progress-interval", type=_non_negative_float, default=DEFAULT_INTERVAL_S,
+                        metavar="SECONDS", help="seconds between progress lines when stderr is "
+                                                "not a terminal (default: %(default)s)")
     return parser
 
 
@@ -130,6 +142,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
     return value
 
 
@@ -160,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_IMAGE)
     except SourceError as exc:
         return _fail(str(exc), EXIT_SOURCE)
+    except BucketNotFound as exc:
+        return _fail(str(exc), EXIT_STORE_NOT_FOUND)
     except StoreError as exc:
         return _fail(str(exc), EXIT_STORE)
     except LazyfsError as exc:
@@ -203,7 +224,9 @@ def run(args: argparse.Namespace) -> IndexResult:
                            upload_workers=args.upload_workers,
                            max_image_bytes=args.max_image_bytes,
                            max_pending_chunks=2 * args.upload_workers,
-                           chunking=ChunkingParams())
+                           chunking=ChunkingParams(),
+                           progress=None if args.quiet else Progress.for_stream(
+                               sys.stderr, args.progress_interval))
     try:
         return index_image(source, store, options)
     finally:

@@ -1,8 +1,9 @@
 """Errors of the indexer, one class per exit code of ``lazyfs-index``.
 
 Digest and size mismatches raise the core ``lazyfs.errors.IntegrityError``,
-store failures ``lazyfs.errors.StoreError``; ``lazyfs.indexer.cli`` maps
-every class to its exit code in one place.
+store failures ``lazyfs.errors.StoreError``, or its subclass
+``BucketNotFound`` when the S3 bucket does not exist. ``lazyfs.indexer.cli``
+maps every class to its exit code in one place.
 """
 
 from ..errors import LazyfsError

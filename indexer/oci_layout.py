@@ -88,6 +88,8 @@ class OciLayoutSource(Source):
         return index
 
     def _find_tagged(self, index: ImageIndex) -> Descriptor:
+        if not index.manifests:
+            raise SourceError(f"{self.directory}/index.json lists no images")
         names = [d.annotations.get(REF_NAME) for d in index.manifests]
         if self.tag is None:
             if len(index.manifests) == 1:
