@@ -16,6 +16,11 @@ gives, as Docker's layer applier and ``umoci unpack`` do:
 - A directory over a directory keeps the children and takes the new
   attributes; over anything else it replaces it, empty.
 - A missing parent directory is created with mode 0755, owner 0:0, mtime 0.
+  A whiteout creates its missing parents too, as Docker and containerd do
+  (umoci 0.4.7 skips such a whiteout). Docker gives a created parent the time
+  of the unpack, but mtime 0 keeps the index of an image the same on every run.
+- An xattr with an empty value is kept, as Docker and containerd keep it
+  (umoci 0.4.7 drops it).
 - Of two entries for one path in one layer the later wins.
 - A hardlink shares the inode (``Node``) of its target, which must exist at
   that point and must not be a directory.
@@ -35,11 +40,13 @@ import logging
 import os
 import stat
 import tarfile
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from ..index import Node
 from .chunker import Chunker
 from .errors import ImageError
+from .tarheaders import CheckedTarInfo
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +107,8 @@ class Flattener:
         count = 0
         try:
             archive = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
-                                   errors="surrogateescape", bufsize=TAR_BUFFER_BYTES)
+                                   errors="surrogateescape", bufsize=TAR_BUFFER_BYTES,
+                                   tarinfo=CheckedTarInfo)
             while (member := archive.next()) is not None:
                 self._apply(member, archive)
                 # TarFile keeps every header it has read; in stream mode nothing
@@ -112,9 +120,24 @@ class Flattener:
         self.entries += count
         return count
 
+    def apply_members(self, members: Iterable[tarfile.TarInfo], layer: str) -> int:
+        """Apply the tar headers of one layer, read earlier; return their count.
+
+        The chunker gets None instead of a file data stream, so it must know
+        each regular file's extents already (``layercache.RecordedExtents``).
+        """
+        self._layer = layer
+        self._layer_paths = set()
+        count = 0
+        for member in members:
+            self._apply(member, None)
+            count += 1
+        self.entries += count
+        return count
+
     # -- entries -------------------------------------------------------------
 
-    def _apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    def _apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile | None) -> None:
         name = _encode(member.name)
         path = self._split(name, name, "the name")
         if not path:
@@ -147,7 +170,8 @@ class Flattener:
                                         "per image (--max-image-bytes)")
             node = self._new_node(member, name, stat.S_IFREG)
             node.size = member.size
-            self.chunker.add_file(node, archive.extractfile(member), self._label(name))
+            data = archive.extractfile(member) if archive is not None else None
+            self.chunker.add_file(node, data, self._label(name))
         elif member.issym():
             node = self._new_node(member, name, stat.S_IFLNK)
             # Linux ignores a symlink's permission bits and always shows 0777.

@@ -2,10 +2,11 @@
 
 ``Uploader.submit`` hands a chunk to a pool of worker threads and blocks
 while ``max_pending`` chunks wait or are in flight, so memory holds at most
-that many chunks beyond the caller's own. A worker checks whether the store
+that many chunks beyond the callers' own. A worker checks whether the store
 has the chunk (``Store.exists``). If not, it encodes the chunk
-(``lazyfs.chunk.encode``) and puts it under ``lazyfs.refs.chunk_key``. A chunk
-submitted twice in one run is handled once.
+(``lazyfs.chunk.encode`` at ``zstd_level``) and puts it under
+``lazyfs.refs.chunk_key``. A chunk submitted twice in one run is handled
+once. Several threads may call ``submit`` at once.
 
 The first worker error is raised by the next ``submit`` or by ``close``;
 chunks still queued then are dropped.
@@ -18,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..chunk import encode
+from ..chunk import DEFAULT_ZSTD_LEVEL, encode
 from ..refs import chunk_key
 from ..store import Store
 
@@ -38,12 +39,15 @@ class UploadStats:
 class Uploader:
     """Uploads chunks to one store; use as a context manager or call ``close``."""
 
-    def __init__(self, store: Store, workers: int = 8, max_pending: int = 16):
+    def __init__(self, store: Store, workers: int = 8, max_pending: int = 16,
+                 zstd_level: int = DEFAULT_ZSTD_LEVEL):
         if workers < 1 or max_pending < workers:
             raise ValueError("need workers >= 1 and max_pending >= workers")
         self.store = store
         self.stats = UploadStats()
-        self._seen: set[bytes] = set()
+        self.zstd_level = zstd_level
+        # Addresses of every chunk submitted so far.
+        self.submitted: set[bytes] = set()
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -53,9 +57,10 @@ class Uploader:
     def submit(self, address: bytes, data: bytes) -> None:
         """Queue a chunk for upload; block while ``max_pending`` chunks are pending."""
         self._raise_error()
-        if address in self._seen:
-            return
-        self._seen.add(address)
+        with self._lock:
+            if address in self.submitted:
+                return
+            self.submitted.add(address)
         self._slots.acquire()
         try:
             self._raise_error()
@@ -102,7 +107,7 @@ class Uploader:
                 with self._lock:
                     self.stats.chunks_reused += 1
                 return
-            stored = encode(data)
+            stored = encode(data, self.zstd_level)
             self.store.put(key, stored)
         except BaseException as exc:
             log.debug("upload of %s failed: %s", key, exc)
