@@ -121,3 +121,12 @@ def debootstrap_image() -> tuple[Path, str]:
     if reason is not None:
         pytest.skip(reason)
     return images.debootstrap_image()
+
+
+@pytest.fixture(scope="session")
+def tools_image() -> tuple[Path, str]:
+    """``(layout_dir, tag)`` of the cached three-layer Debian image with ping, sudo and perl."""
+    reason = image_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return images.tools_image()

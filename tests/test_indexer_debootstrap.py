@@ -1,8 +1,9 @@
-"""Index the debootstrap-built Debian image and compare it with ``umoci unpack``.
+"""Index the debootstrap-built Debian images and compare them with ``umoci unpack``.
 
 The unpacked tree is the reference: every path, type, mode, owner, mtime,
 link count, hardlink identity, symlink target, device number, extended
-attribute and every byte of file data must match the index.
+attribute and every byte of file data must match the index. The tools image
+is also mounted, and the mounted tree must match the unpacked one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lazyfs.store import open_store
-from tests.support import images, oci
+from tests.support import images, oci, trees
+from tests.support.daemon import running_daemon
 
 pytestmark = pytest.mark.image
 
@@ -87,3 +89,34 @@ def test_debootstrap_image_matches_umoci_unpack(debootstrap_image, tmp_path):
     assert again.code == 0, again.stderr
     assert again.result["index_digest"] == run.result["index_digest"]
     assert again.result["chunks_new"] == 0
+
+
+@pytest.mark.fuse
+def test_tools_image_mount_matches_umoci_unpack(tools_image, tmp_path):
+    layout, tag = tools_image
+    store_url = (tmp_path / "store").as_uri()
+
+    run = oci.run_indexer("--store", store_url, "--json", f"oci:{layout}:{tag}")
+
+    assert run.code == 0, run.stderr
+    assert run.result["layers"] == 3
+    tree = oci.TreeView(open_store(store_url), run.result["manifest_digest"])
+    rootfs = images.umoci_unpack(layout, tag, tmp_path / "bundle")
+    assert compare_with_rootfs(tree, rootfs) == []
+    # The packages and the third layer's whiteouts that make this image worth testing.
+    assert tree.xattrs(b"usr/bin/ping")[b"security.capability"][:4] == b"\x01\x00\x00\x02"
+    assert tree.inode(b"usr/bin/sudo").mode == stat.S_IFREG | 0o4755
+    assert tree.inode(b"var/mail").mode == stat.S_IFDIR | 0o2775
+    assert b"usr/share/doc" not in tree.paths()
+    assert b"usr/bin/perl" in tree.paths()
+    assert b"etc/ssl/certs/ca-certificates.crt" in tree.paths()
+
+    with running_daemon(directory=tmp_path / "daemon", store_url=store_url) as daemon:
+        mounted = daemon.image(run.result["index_digest"])
+        expected = trees.snapshot(rootfs, with_nlink=True)
+        actual = trees.snapshot(mounted, with_nlink=True)
+        # umoci gives the root directory the time of the unpack, not the image's.
+        del expected[trees.ROOT], actual[trees.ROOT]
+        differences = trees.diff(expected, actual)
+        assert not differences, "\n".join(differences)
+        assert trees.hardlink_groups(mounted) == trees.hardlink_groups(rootfs)

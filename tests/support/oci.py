@@ -7,6 +7,10 @@ the manifest and an index.json entry with an
 ``org.opencontainers.image.ref.name`` annotation, so skopeo, umoci and
 ``lazyfs-index`` all read the result.
 
+``gnu_tar`` runs GNU tar for what tarfile cannot write (sparse files), and
+helpers write unusual but valid streams: several gzip members, gzip header
+fields, a tar without its end-of-archive marker, empty device fields.
+
 Bad input on purpose: ``Layer.blob`` replaces a layer's compressed bytes
 before they are named (a truncated gzip stream whose digest matches), and
 ``replace_blob`` overwrites a blob after it is named (bytes that no longer
@@ -23,7 +27,10 @@ import json
 import random
 import shutil
 import stat
+import struct
+import subprocess
 import tarfile
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +128,15 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
-def tar_bytes(entries: list[Entry]) -> bytes:
-    """Return a PAX tar archive of ``entries``, in order, exactly as given."""
+def tar_bytes(entries: list[Entry], tar_format: int = tarfile.PAX_FORMAT) -> bytes:
+    """Return a tar archive of ``entries``, in order, exactly as given.
+
+    ``tar_format`` is a tarfile format: PAX (the default) or GNU, which writes
+    long names as ././@LongLink entries and large ids in base-256. GNU format
+    has no PAX records, so its entries must not set a string mtime or xattrs.
+    """
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format, encoding="utf-8",
                       errors="surrogateescape") as archive:
         for entry in entries:
             info = tarfile.TarInfo(_text(entry.name))
@@ -151,6 +163,70 @@ def tar_bytes(entries: list[Entry]) -> bytes:
             else:
                 archive.addfile(info)
     return buffer.getvalue()
+
+
+def gnu_tar(directory: Path, names: list[str], *options: str) -> bytes:
+    """Return the tar archive GNU tar writes of ``names`` below ``directory``.
+
+    Owners are written as numeric 0:0 and every mtime as 1700000000; ``options``
+    choose the format, for example ``--format=gnu --sparse``.
+    """
+    command = ["tar", "--create", "--file=-", f"--directory={directory}", "--numeric-owner",
+               "--owner=0", "--group=0", "--mtime=@1700000000", *options, "--", *names]
+    return subprocess.run(command, check=True, stdout=subprocess.PIPE).stdout
+
+
+def tar_end(tar: bytes) -> int:
+    """Return the offset just after the data of the last entry of ``tar``."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+        last = archive.getmembers()[-1]
+    # A sparse member's size is its expanded size, so count its stored blocks instead.
+    stored = sum(length for _offset, length in last.sparse) if last.sparse else last.size
+    return last.offset_data + -(-stored // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def without_end_marker(tar: bytes) -> bytes:
+    """Return ``tar`` cut after its last entry: no zero blocks, no end-of-archive marker."""
+    return tar[:tar_end(tar)]
+
+
+def with_empty_device_fields(tar: bytes, name: str) -> bytes:
+    """Return ``tar`` with the devmajor and devminor fields of entry ``name`` all NUL bytes.
+
+    A writer that leaves both fields empty for a fifo writes them so. The entry
+    must have a plain ustar header (no PAX or GNU long-name header before it).
+    """
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+        offset = archive.getmember(name).offset
+    header = bytearray(tar[offset:offset + tarfile.BLOCKSIZE])
+    header[329:345] = bytes(16)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return tar[:offset] + bytes(header) + tar[offset + tarfile.BLOCKSIZE:]
+
+
+def gzip_members(data: bytes, pieces: int) -> bytes:
+    """Return ``data`` as ``pieces`` concatenated gzip members, as bgzip and ``cat a.gz b.gz`` write."""
+    step = -(-len(data) // pieces)
+    return b"".join(gzip.compress(data[start:start + step], mtime=0)
+                    for start in range(0, len(data), step))
+
+
+def gzip_with_header_fields(data: bytes, header_crc: bool = False) -> bytes:
+    """Return one gzip member of ``data`` whose header has FEXTRA, FNAME and FCOMMENT.
+
+    ``header_crc`` adds FHCRC, the CRC-16 of every header byte before it (RFC 1952).
+    """
+    extra = b"LZ" + struct.pack("<H", 4) + b"test"
+    flags = 0x04 | 0x08 | 0x10 | (0x02 if header_crc else 0)
+    header = (b"\x1f\x8b\x08" + bytes([flags]) + struct.pack("<I", 0)
+              + b"\x00\x03" + struct.pack("<H", len(extra)) + extra + b"layer.tar\x00"
+              + b"a comment\x00")
+    if header_crc:
+        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = compressor.compress(data) + compressor.flush()
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
 
 
 def compress(data: bytes, compression: str) -> bytes:

@@ -104,11 +104,14 @@ class Registry:
             self._work_dir.cleanup()
             self._work_dir = None
 
-    def push(self, oci_layout_dir: Path, tag: str, repository: str, ref_tag: str) -> str:
+    def push(self, oci_layout_dir: Path, tag: str, repository: str, ref_tag: str,
+             all_platforms: bool = False) -> str:
         """Push ``oci_layout_dir:tag`` to ``HOST/repository:ref_tag`` and return its digest.
 
         ``--preserve-digests`` makes skopeo fail rather than rewrite the
         manifest, so the returned manifest digest equals the one in the layout.
+        Of an image index skopeo pushes only the host's image unless
+        ``all_platforms`` is set.
         """
         work = Path(self._work_dir.name)
         digest_file = work / f"push-{time.monotonic_ns()}.digest"
@@ -121,6 +124,7 @@ class Registry:
             "--dest-tls-verify=false",
             "--dest-no-creds",
             "--digestfile", str(digest_file),
+            *(["--all"] if all_platforms else []),
             f"oci:{oci_layout_dir}:{tag}",
             f"docker://{self.host}/{repository}:{ref_tag}",
         ]

@@ -28,7 +28,9 @@ class Entry:
 
     ``size`` is set for regular files and symlinks, and ``sha256`` for regular
     files only. ``target`` is set for symlinks and ``rdev`` for character and
-    block devices. Each of these is None for the other types.
+    block devices. Each of these is None for the other types. ``nlink`` is
+    recorded only on request, and never for directories, whose link count
+    depends on the file system.
     """
 
     type: str
@@ -41,6 +43,7 @@ class Entry:
     rdev: int | None
     xattrs: dict[str, bytes]
     mtime_ns: int
+    nlink: int | None = None
 
 
 _TYPE_NAMES = (
@@ -54,27 +57,29 @@ _TYPE_NAMES = (
 )
 
 
-def snapshot(root: Path) -> dict[bytes, Entry]:
+def snapshot(root: Path, *, with_nlink: bool = False) -> dict[bytes, Entry]:
     """Record every path under ``root``, keyed by its bytes path relative to ``root``.
 
-    ``root`` itself is recorded under ``b"."``.
+    ``root`` itself is recorded under ``b"."``. ``with_nlink`` records the link
+    count of every path that is not a directory.
     """
     root_bytes = os.fsencode(root)
-    tree = {ROOT: _entry(root_bytes)}
+    tree = {ROOT: _entry(root_bytes, with_nlink)}
     for relative, absolute in _walk(root_bytes, b""):
-        tree[relative] = _entry(absolute)
+        tree[relative] = _entry(absolute, with_nlink)
     return tree
 
 
 def hardlink_groups(root: Path) -> set[frozenset[bytes]]:
-    """Return the sets of regular files under ``root`` that share one inode.
+    """Return the sets of paths under ``root`` that share one inode.
 
-    Only files with more than one link inside the tree form a group.
+    Only non-directories with more than one link inside the tree form a group.
+    A hardlink to a symlink or a device is a group too.
     """
     by_inode: dict[tuple[int, int], set[bytes]] = {}
     for relative, absolute in _walk(os.fsencode(root), b""):
         st = os.lstat(absolute)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
             by_inode.setdefault((st.st_dev, st.st_ino), set()).add(relative)
     return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}
 
@@ -131,7 +136,7 @@ def _walk(root: bytes, relative: bytes) -> Iterator[tuple[bytes, bytes]]:
             yield from _walk(root, child)
 
 
-def _entry(path: bytes) -> Entry:
+def _entry(path: bytes, with_nlink: bool) -> Entry:
     st = os.lstat(path)
     kind = _type_name(st.st_mode)
     return Entry(
@@ -145,6 +150,7 @@ def _entry(path: bytes) -> Entry:
         rdev=st.st_rdev if kind in ("char", "block") else None,
         xattrs=_xattrs(path),
         mtime_ns=st.st_mtime_ns,
+        nlink=st.st_nlink if with_nlink and kind != "dir" else None,
     )
 
 
