@@ -86,7 +86,7 @@ def sample_root(daemon: DaemonProcess, published: Published) -> Path:
 
 
 def test_mount_root_lists_images(daemon: DaemonProcess):
-    assert os.listdir(daemon.mountpoint) == ["images"]
+    assert os.listdir(daemon.mountpoint) == ["images", "shifted"]
     root = os.stat(daemon.mountpoint)
     assert stat.S_ISDIR(root.st_mode)
     assert root.st_ino == 1
@@ -416,11 +416,11 @@ def test_control_unknown_op(daemon: DaemonProcess):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(daemon.control_socket))
         sock.sendall(b'{"op": "reboot"}\nnot json\n')
-        reader = sock.makefile("rb")
-        first = json.loads(reader.readline())
-        second = json.loads(reader.readline())
+        with sock.makefile("rb") as reader:
+            first = json.loads(reader.readline())
+            second = json.loads(reader.readline())
 
-    assert first == {"error": "unknown op 'reboot'; supported: status, image, resolve, sync"}
+    assert first == {"error": "unknown op 'reboot'; supported: status, image, resolve, sync, trace_save"}
     assert second["error"].startswith("invalid JSON request")
 
 
@@ -435,7 +435,7 @@ def test_cli_status_text(daemon: DaemonProcess):
     result = subprocess.run(lazyfs_command("status", "--socket", str(daemon.control_socket)),
                             capture_output=True, text=True, check=True)
 
-    assert f"mount point  {daemon.mountpoint}" in result.stdout
+    assert f"mount point   {daemon.mountpoint}" in result.stdout
     assert "  store " in result.stdout
 
 
@@ -525,7 +525,7 @@ def test_second_daemon_on_live_mount_rejected(daemon: DaemonProcess, published: 
             pass
 
     assert is_mounted(daemon.mountpoint)
-    assert os.listdir(daemon.mountpoint) == ["images"]
+    assert os.listdir(daemon.mountpoint) == ["images", "shifted"]
 
 
 def test_stale_mount_recovered(published: Published, tmp_path: Path):
