@@ -11,7 +11,14 @@ recording when the command exits. The states, each measured ``--runs`` times:
 - lazyfs cold: a new daemon with empty RAM and LMDB tiers and boot traces
   off, page cache dropped. The time is the wall clock of the whole
   ``lazyfs-run`` process; the daemon start is measured separately.
-- lazyfs cold with trace: the same with ``trace_replay`` on, so the daemon
+- lazyfs cold, 20 ms store RTT: the same through a ``LatencyProxy`` that adds
+  20 ms of round-trip time between the daemon and the S3 server (this kernel
+  has no netem queueing discipline).
+- lazyfs cold with trace, 20 ms store RTT: the same with ``trace_replay`` on.
+- lazyfs 8 cold boots at once: a new daemon with empty tiers, eight
+  ``lazyfs-run`` processes started together; the time is until the last one
+  ended, and the counters cover all eight.
+- lazyfs cold with trace: like cold, with ``trace_replay`` on, so the daemon
   prefetches the trace's chunks in the background from the attach on.
 - lazyfs warm disk: the daemon restarted over the LMDB tier that the cold
   run with trace filled, so the RAM tier is empty, and the page cache dropped.
@@ -55,6 +62,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.notebook.imageuser import resolve_user
 from lazyfs.notebook.runtime_spec import merge_env, runtime_spec
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.latencyproxy import LatencyProxy
 from tests.support.registry import Registry
 from tests.support.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, MotoServer
 
@@ -71,7 +79,13 @@ COLD = "lazyfs cold"
 TRACED = "lazyfs cold with trace"
 WARM = "lazyfs warm disk"
 HOT = "lazyfs hot"
-LAZYFS_STATES = (COLD, TRACED, WARM, HOT)
+COLD_RTT = "lazyfs cold, 20 ms store RTT"
+TRACED_RTT = "lazyfs cold with trace, 20 ms store RTT"
+CONCURRENT = "lazyfs 8 cold boots at once"
+LAZYFS_STATES = (COLD, COLD_RTT, TRACED, TRACED_RTT, WARM, HOT)
+# Round-trip time the latency proxy adds between the daemon and the store.
+STORE_RTT_S = 0.020
+CONCURRENT_BOOTS = 8
 PULL = "pull (skopeo copy)"
 UNPACK = "unpack (umoci unpack)"
 PULL_RUN = "run (runc run)"
@@ -348,12 +362,7 @@ def measure_lazyfs_run(benchmark: BootBenchmark, state: str, daemon: DaemonProce
         raise BenchmarkError(f"{state}: the lazyfs daemon exited with status {daemon.process.returncode}. "
                              f"The end of its log:\n{daemon.log_text()[-3000:]}")
     stats_path = work / f"stats-{secrets.token_hex(4)}.json"
-    # The daemon options only matter if lazyfs-run had to start a daemon itself.
-    # They point at this daemon's mount point, which the benchmark unmounts.
-    command = [str(console_script("lazyfs-run")), "--control-socket", str(daemon.control_socket),
-               "--mountpoint", str(daemon.mountpoint), "--store", daemon.config.store_url,
-               "--endpoint-url", daemon.config.s3_endpoint_url, "--state-dir", str(work / "containers"),
-               "--stats-json", str(stats_path), image.lazyfs_name, "--", *benchmark.workload]
+    command = lazyfs_run_command(benchmark, daemon, image, work, stats_path)
     before = lazyfs_counters(daemon.status(), image.digest)
     wall_s, result = timed_step(f"lazyfs-run ({state})", command)
     daemon_client(daemon).request({"op": "sync"})
@@ -368,6 +377,47 @@ def measure_lazyfs_run(benchmark: BootBenchmark, state: str, daemon: DaemonProce
         measurements.seconds[f"{state}: {part}"].append(seconds[part])
     measurements.add_counters(state, {name: after[name] - before[name] for name in after})
     log.info("%s: %.3f s", state, wall_s)
+
+
+def lazyfs_run_command(benchmark: BootBenchmark, daemon: DaemonProcess, image: IndexedImage, work: Path,
+                       stats_path: Path) -> list[str]:
+    """Return the ``lazyfs-run`` command line of the workload against ``daemon``."""
+    # The daemon options only matter if lazyfs-run had to start a daemon itself.
+    # They point at this daemon's mount point, which the benchmark unmounts.
+    return [str(console_script("lazyfs-run")), "--control-socket", str(daemon.control_socket),
+            "--mountpoint", str(daemon.mountpoint), "--store", daemon.config.store_url,
+            "--endpoint-url", daemon.config.s3_endpoint_url, "--state-dir", str(work / "containers"),
+            "--stats-json", str(stats_path), image.lazyfs_name, "--", *benchmark.workload]
+
+
+def measure_concurrent_runs(benchmark: BootBenchmark, daemon: DaemonProcess, image: IndexedImage, work: Path,
+                            measurements: Measurements) -> None:
+    """Start CONCURRENT_BOOTS runs of the workload at once; record the time until the last one ended.
+
+    The counters cover all the runs together, so the chunk requests equal
+    those of one cold boot when every chunk is fetched once.
+    """
+    before = lazyfs_counters(daemon.status(), image.digest)
+    started = time.perf_counter()
+    processes = []
+    for number in range(CONCURRENT_BOOTS):
+        command = lazyfs_run_command(benchmark, daemon, image, work, work / f"stats-concurrent-{number}.json")
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=STEP_TIMEOUT_S)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    wall_s = time.perf_counter() - started
+    daemon_client(daemon).request({"op": "sync"})
+    after = lazyfs_counters(daemon.status(), image.digest)
+    for number, result in enumerate(results):
+        if result.returncode != 0:
+            raise BenchmarkError(f"lazyfs-run ({CONCURRENT}, run {number}) failed with exit code "
+                                 f"{result.returncode}: {result.stderr.strip()}")
+        check_workload_output(benchmark, f"lazyfs-run ({CONCURRENT}, run {number})", result)
+    measurements.seconds[CONCURRENT].append(wall_s)
+    measurements.add_counters(CONCURRENT, {name: after[name] - before[name] for name in after})
+    log.info("%s: %.3f s", CONCURRENT, wall_s)
 
 
 def daemon_client(daemon: DaemonProcess):
@@ -385,6 +435,21 @@ def measure_lazyfs_round(benchmark: BootBenchmark, store: Store, image: IndexedI
         drop_page_cache()
         measure_lazyfs_run(benchmark, COLD, daemon, image, work, measurements)
     remove_tree(work / "cold-lmdb")
+
+    host, port = store.endpoint_url.removeprefix("http://").rsplit(":", 1)
+    with LatencyProxy(host, int(port), round_trip_s=STORE_RTT_S) as proxy:
+        delayed = Store(store.url, proxy.endpoint_url)
+        for state, traces in ((COLD_RTT, TRACES_OFF), (TRACED_RTT, REPLAYING)):
+            with timed_daemon(delayed, work / "rtt-daemon", work / "rtt-lmdb", traces) as (daemon, _s):
+                drop_page_cache()
+                measure_lazyfs_run(benchmark, state, daemon, image, work, measurements)
+            remove_tree(work / "rtt-lmdb")
+            remove_tree(work / "rtt-daemon")
+
+    with timed_daemon(store, work / "concurrent-daemon", work / "concurrent-lmdb", TRACES_OFF) as (daemon, _s):
+        drop_page_cache()
+        measure_concurrent_runs(benchmark, daemon, image, work, measurements)
+    remove_tree(work / "concurrent-lmdb")
 
     disk_cache = work / "lmdb"
     with timed_daemon(store, work / "traced-daemon", disk_cache, REPLAYING) as (daemon, start_s):
@@ -512,6 +577,7 @@ def seconds_table(measurements: Measurements) -> list[str]:
         lines.append(f"| {state}: `lazyfs-run` wall clock {seconds_cells(seconds[state])}")
         for part, label in RUN_PARTS.items():
             lines.append(f"| - {label} {seconds_cells(seconds[f'{state}: {part}'])}")
+    lines.append(f"| {CONCURRENT}: until the last one ended {seconds_cells(seconds[CONCURRENT])}")
     lines.append(f"| pull + unpack: total {seconds_cells(seconds[PULL_TOTAL])}")
     for row in (PULL, UNPACK, PULL_RUN):
         lines.append(f"| - {row} {seconds_cells(seconds[row])}")
@@ -522,11 +588,12 @@ def seconds_table(measurements: Measurements) -> list[str]:
 
 
 def counters_table(measurements: Measurements) -> list[str]:
-    lines = ["| per run, median | " + " | ".join(LAZYFS_STATES) + " |",
-             "|---" + "|---:" * len(LAZYFS_STATES) + "|"]
+    states = (*LAZYFS_STATES, f"{CONCURRENT} (all of them)")
+    lines = ["| per run, median | " + " | ".join(states) + " |",
+             "|---" + "|---:" * len(states) + "|"]
     for name in measurements.counters[COLD]:
         cells = []
-        for state in LAZYFS_STATES:
+        for state in (*LAZYFS_STATES, CONCURRENT):
             value = statistics.median(measurements.counters[state][name])
             cells.append(format_bytes(value) if "bytes" in name else f"{value:.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -539,6 +606,12 @@ def ratio_lines(image: IndexedImage, measurements: Measurements) -> list[str]:
     ratios = [
         ("lazyfs cold with trace / lazyfs cold", seconds[TRACED] / seconds[COLD]),
         ("lazyfs cold / pull + unpack total", seconds[COLD] / seconds[PULL_TOTAL]),
+        ("lazyfs cold with 20 ms store RTT / pull + unpack total", seconds[COLD_RTT] / seconds[PULL_TOTAL]),
+        ("lazyfs cold with trace and 20 ms store RTT / pull + unpack total",
+         seconds[TRACED_RTT] / seconds[PULL_TOTAL]),
+        (f"{CONCURRENT}, until the last ended / lazyfs cold", seconds[CONCURRENT] / seconds[COLD]),
+        (f"{CONCURRENT}: chunk requests / one cold boot's",
+         statistics.median(measurements.counters[CONCURRENT]["chunk requests"]) / max(cold["chunk requests"], 1)),
         ("lazyfs cold with trace / pull + unpack total", seconds[TRACED] / seconds[PULL_TOTAL]),
         ("lazyfs warm disk / local", seconds[WARM] / seconds[LOCAL]),
         ("lazyfs hot / local", seconds[HOT] / seconds[LOCAL]),
@@ -547,6 +620,9 @@ def ratio_lines(image: IndexedImage, measurements: Measurements) -> list[str]:
          cold["fetched bytes, uncompressed"] / image.index["file_bytes"]),
         ("cold fetched, uncompressed / read through the mount",
          cold["fetched bytes, uncompressed"] / max(cold["bytes read through the mount"], 1)),
+        ("cold fetched, compressed / read through the mount",
+         cold["fetched bytes, compressed"] / max(cold["bytes read through the mount"], 1)),
+        ("cold fetched, compressed / image file bytes", cold["fetched bytes, compressed"] / image.index["file_bytes"]),
     ]
     return ["| ratio of medians | value |", "|---|---:|"] + [f"| {name} | {value:.3f} |" for name, value in ratios]
 
