@@ -15,8 +15,10 @@ Writes of any kind are EROFS. The mount is also read-only in the kernel
 ("ro"), so most writes never reach the daemon.
 
 Caching: images never change, so entries and attributes inside an image are
-cached by the kernel for IMAGE_CACHE_TIMEOUT_S, and files open with
-``keep_cache`` so the page cache survives close and reopen. The mount root,
+cached by the kernel for IMAGE_CACHE_TIMEOUT_S, so are negative entries for
+names missing inside an image (a lookup answer with inode 0), and files open
+with ``keep_cache`` so the page cache survives close and reopen. FLUSH answers
+ENOSYS once, after which the kernel stops sending it. The mount root,
 images/, shifted/ and the id range directories in it change when images attach,
 so they get SHORT_CACHE_TIMEOUT_S. Direct I/O
 stays off: it would bypass the page cache and break shared mmap.
@@ -145,7 +147,17 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        inode = await self.tree.lookup(parent_inode, name)
+        try:
+            inode = await self.tree.lookup(parent_inode, name)
+        except FilesystemError as error:
+            if error.errno != errno.ENOENT or not self.tree.is_image_inode(parent_inode):
+                raise
+            # An image never changes, so the kernel may remember that the name
+            # is missing: programs probe many names that do not exist.
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = IMAGE_CACHE_TIMEOUT_S
+            return entry
         return self._entry(self.tree.getattr(inode))
 
     @_translate_errors
@@ -220,9 +232,10 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         return await self.tree.read(fh, off, size)
 
-    @_translate_errors
     async def flush(self, fh):
-        return None
+        # Nothing is ever written, so there is nothing to flush. ENOSYS makes
+        # the kernel stop sending FLUSH on every close of the mount.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translate_errors
     async def release(self, fh):

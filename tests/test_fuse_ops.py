@@ -13,6 +13,7 @@ import pytest
 from lazyfs.errors import StoreUnavailable
 from lazyfs.fuse_ops import IMAGE_CACHE_TIMEOUT_S, SHORT_CACHE_TIMEOUT_S, Operations
 from lazyfs.refs import index_key
+from lazyfs.tree import IMAGES_INODE
 from lazyfs.store_tier import StoreTier
 from lazyfs.tiers import RamTier, TierChain
 from lazyfs.tree import IMAGES_INODE, ROOT_INODE, Tree
@@ -138,13 +139,31 @@ async def test_ops_entry_attributes(operations: Operations, sample: SampleImage)
     assert entry.generation == 0
 
 
-async def test_ops_missing_name_enoent(operations: Operations, sample: SampleImage):
+async def test_ops_missing_name_cached_negative(operations: Operations, sample: SampleImage):
     inode = await lookup_path(operations, sample, b"data")
 
+    entry = await operations.lookup(inode, b"absent", None)
+
+    # st_ino 0 is a negative entry, which the kernel keeps for entry_timeout.
+    assert entry.st_ino == 0
+    assert entry.entry_timeout == IMAGE_CACHE_TIMEOUT_S
+
+
+async def test_ops_missing_image_enoent(operations: Operations):
+    # An image may be published later, so a missing one is not cached.
     with pytest.raises(pyfuse3.FUSEError) as caught:
-        await operations.lookup(inode, b"absent", None)
+        await operations.lookup(IMAGES_INODE, b"0" * 64, None)
 
     assert_fuse_errno(caught, errno.ENOENT)
+
+
+async def test_ops_lookup_under_file_enotdir(operations: Operations, sample: SampleImage):
+    inode = await lookup_path(operations, sample, b"data/small.txt")
+
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await operations.lookup(inode, b"child", None)
+
+    assert_fuse_errno(caught, errno.ENOTDIR)
 
 
 async def test_ops_missing_xattr_enodata(operations: Operations, sample: SampleImage):
@@ -232,7 +251,9 @@ async def test_ops_no_op_handlers(operations: Operations, sample: SampleImage):
     inode = await lookup_path(operations, sample, b"data/small.txt")
 
     assert await operations.forget([(inode, 1)]) is None
-    assert await operations.flush(inode) is None
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await operations.flush(inode)
+    assert_fuse_errno(caught, errno.ENOSYS)
     assert await operations.release(inode) is None
     assert await operations.fsync(inode, False) is None
     assert await operations.releasedir(inode) is None
