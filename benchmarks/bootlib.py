@@ -67,7 +67,7 @@ from tests.support.registry import Registry
 from tests.support.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, MotoServer
 
 from .machine import describe_machine
-from .results_file import RESULTS_PATH, replace_section
+from .results_file import add_output_arguments, replace_section
 
 log = logging.getLogger(__name__)
 
@@ -694,14 +694,7 @@ def parse_args(benchmark: BootBenchmark, argv: list[str] | None) -> argparse.Nam
                     "and an unpacked local rootfs. Needs root.")
     parser.add_argument("--runs", type=positive_int, default=benchmark.default_runs, metavar="N",
                         help="measured runs per state (default: %(default)s)")
-    parser.add_argument("--write-results", action="store_true",
-                        help=f"write the report into {RESULTS_PATH.name}, replacing this benchmark's section")
-    parser.add_argument("--results-file", type=Path, default=RESULTS_PATH, metavar="FILE",
-                        help="results file for --write-results (default: benchmarks/RESULTS.md)")
-    parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), metavar="DIR",
-                        help="parent of the temporary working directory for the LMDB tiers, OCI layouts "
-                             "and bundles, which is removed at the end (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step to stderr")
+    add_output_arguments(parser, "the LMDB tiers, OCI layouts and bundles")
     return parser.parse_args(argv)
 
 

@@ -43,7 +43,7 @@ from tests.support.daemon import running_daemon
 from .boot_small import console_script, drop_page_cache, exit_on_sigterm, positive_int
 from .machine import describe_machine
 from .read_throughput import BenchmarkError, missing_requirement, squashfuse_mount
-from .results_file import RESULTS_PATH, replace_section
+from .results_file import add_output_arguments, replace_section
 
 log = logging.getLogger("benchmarks.metadata")
 
@@ -187,14 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="test image to measure (default: %(default)s)")
     parser.add_argument("--runs", type=positive_int, default=3, metavar="N",
                         help="measured rounds (default: %(default)s)")
-    parser.add_argument("--write-results", action="store_true",
-                        help=f"write the report into {RESULTS_PATH.name}, replacing this benchmark's section")
-    parser.add_argument("--results-file", type=Path, default=RESULTS_PATH, metavar="FILE",
-                        help="results file for --write-results (default: benchmarks/RESULTS.md)")
-    parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), metavar="DIR",
-                        help="parent of the temporary working directory, removed at the end "
-                             "(default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each round to stderr")
+    add_output_arguments(parser, "the store, the unpacked tree and the squashfs")
     return parser.parse_args(argv)
 
 

@@ -60,7 +60,7 @@ from tests.support.sample_image import publish_single_file_image
 
 from .boot_small import drop_page_cache, exit_on_sigterm, isolate_aws_environment, positive_int
 from .machine import describe_machine
-from .results_file import RESULTS_PATH, replace_section
+from .results_file import add_output_arguments, replace_section
 
 log = logging.getLogger("benchmarks.read_throughput")
 
@@ -371,14 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="size of the file in MiB (default: %(default)s)")
     parser.add_argument("--random-reads", type=positive_int, default=2000, metavar="N",
                         help="4 KiB random reads per thread (default: %(default)s)")
-    parser.add_argument("--write-results", action="store_true",
-                        help=f"write the report into {RESULTS_PATH.name}, replacing this benchmark's section")
-    parser.add_argument("--results-file", type=Path, default=RESULTS_PATH, metavar="FILE",
-                        help="results file for --write-results (default: benchmarks/RESULTS.md)")
-    parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), metavar="DIR",
-                        help="parent of the temporary working directory for the files, the squashfs "
-                             "and the LMDB tiers, which is removed at the end (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each round to stderr")
+    add_output_arguments(parser, "the files, the squashfs and the LMDB tiers")
     return parser.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ the same heading and leaves every other section as it was.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -18,6 +19,18 @@ Each section is written by the benchmark named in its heading
 (`python -m benchmarks.NAME --write-results` from the repository root, as root)
 and lists the machine it ran on.
 """
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, work_dir_contents: str) -> None:
+    """Add the options every benchmark takes: --write-results, --results-file, --work-dir, --verbose."""
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"write the report into {RESULTS_PATH.name}, replacing this benchmark's section")
+    parser.add_argument("--results-file", type=Path, default=RESULTS_PATH, metavar="FILE",
+                        help="results file for --write-results (default: benchmarks/RESULTS.md)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), metavar="DIR",
+                        help=f"parent of the temporary working directory for {work_dir_contents}, which "
+                             "is removed at the end (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
 def replace_section(path: Path, heading: str, body: str) -> None:
