@@ -75,6 +75,8 @@ from .tiers import Tier
 
 log = logging.getLogger(__name__)
 
+# TODO: keep chunks in their compressed store form: fills then write, and warm
+# reads read, about 3x fewer bytes on the fat test image.
 FORMAT_VERSION = 1
 TOUCH_BATCH = 256
 LOW_WATER_FRACTION = 0.9
