@@ -33,9 +33,10 @@ from pathlib import Path
 from lazyfs.config import load_config
 from lazyfs.control_client import ControlClient
 from lazyfs.errors import ControlError, LazyfsError
+from lazyfs.idshift import MAX_ID
 
 from .container import ContainerRequest, Runc, run_container
-from .userns import CONTAINER_IDS, MAX_ID, host_id_range
+from .userns import CONTAINER_IDS, host_id_range
 
 log = logging.getLogger("lazyfs.run")
 

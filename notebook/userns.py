@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError
+from lazyfs.idshift import MAX_ID, IdShift
 
 CONTAINER_IDS = 65536
 DEFAULT_BASE = 100000
-# The largest valid uid or gid; (uid_t) -1 means "no id".
-MAX_ID = 2**32 - 2
 SUBUID_PATH = Path("/etc/subuid")
 SUBGID_PATH = Path("/etc/subgid")
 
@@ -50,7 +49,7 @@ class IdRange:
     @property
     def shift(self) -> str:
         """The name of the daemon's view whose owners are shifted into this range."""
-        return f"{self.uid_base}:{self.gid_base}:{self.count}"
+        return IdShift(self.uid_base, self.gid_base, self.count).name
 
     def mappings(self) -> dict[str, list[dict[str, int]]]:
         """Return the runtime spec's uidMappings and gidMappings."""
