@@ -31,7 +31,8 @@ Debian mirror, a build of the python3 image took 58 to 68 s, and the layout is
 69 MB (gzip layers of 51 MB and 18 MB). The tools image took 80 s, and its
 layout is 69 MB too (gzip layers of 51 MB, 20 MB and 157 bytes).
 ``python -m tests.support.images`` builds both caches ahead of time and prints
-``LAYOUT_DIR:TAG`` for each.
+``LAYOUT_DIR:TAG`` for each; ``python -m tests.support.images python3`` builds
+and prints only the first.
 
 ``fat_image()`` builds a larger image for benchmarks, never for CI: layer 1 is
 the same minbase bootstrap, and layer 2 is what ``apt-get install`` of python3,
@@ -45,6 +46,7 @@ of file data. It is cached the same way under its own name.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
@@ -480,12 +482,26 @@ def _apt_get_install(rootfs: Path, packages: tuple[str, ...], log_path: Path) ->
         subprocess.run(["umount", str(proc)], check=False)
         policy.unlink(missing_ok=True)
 
-def main() -> int:
+BUILDERS = {"python3": debootstrap_image, "tools": tools_image, "fat": fat_image}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.images",
+        description="Build (or reuse) cached test images and print LAYOUT_DIR:TAG for each.")
+    # No choices= here: argparse 3.11 checks an empty list against them and fails.
+    parser.add_argument("names", nargs="*", metavar="IMAGE",
+                        help=f"images to build, of {', '.join(sorted(BUILDERS))} "
+                             "(default: python3 and tools, the images the tests use)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown image {unknown[0]!r}: expected one of {', '.join(sorted(BUILDERS))}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if os.geteuid() != 0:
         print("building the test image needs root (debootstrap and umoci)", file=sys.stderr)
         return 1
-    for build in (debootstrap_image, tools_image):
+    for build in (BUILDERS[name] for name in args.names or ["python3", "tools"]):
         started = time.monotonic()
         try:
             layout_dir, tag = build()
