@@ -128,6 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     unmount = commands.add_parser(
         "unmount", help="unmount; the daemon serving the mount then exits",
+        description="Unmount a lazyfs mount; its daemon then exits. When the configured control socket "
+                    "belongs to the daemon of that mount point, wait until the daemon has exited.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     unmount.add_argument("--config", metavar="FILE", help="TOML configuration file")
     unmount.add_argument("--lazy", action="store_true",
@@ -231,12 +233,35 @@ def _trace(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long ``lazyfs unmount`` waits for the daemon to exit after the unmount.
+UNMOUNT_WAIT_S = 30.0
+
+
 def _unmount(arguments: argparse.Namespace) -> int:
     from . import daemon
 
-    mountpoint = arguments.mountpoint or load_config(arguments.config).mountpoint
+    config = load_config(arguments.config)
+    mountpoint = arguments.mountpoint or config.mountpoint
+    pid = _daemon_pid(config.control_socket, mountpoint)
     daemon.unmount(mountpoint, lazy=arguments.lazy)
+    if pid is not None and not daemon.wait_for_exit(pid, UNMOUNT_WAIT_S):
+        print(f"lazyfs unmount: {mountpoint} is unmounted, but its daemon (pid {pid}) is still running "
+              f"{UNMOUNT_WAIT_S:g} s later; see its log", file=sys.stderr)
+        return EXIT_DAEMON
     return EXIT_OK
+
+
+def _daemon_pid(control_socket: str, mountpoint: str | Path) -> int | None:
+    """Return the pid of the daemon at ``control_socket`` if it serves ``mountpoint``, else None."""
+    from .control_client import ControlClient
+
+    try:
+        status = ControlClient(control_socket).status()
+    except ControlError:
+        return None
+    if Path(status["mountpoint"]).resolve() != Path(mountpoint).resolve():
+        return None
+    return status["pid"]
 
 
 def _size(count: int) -> str:

@@ -136,6 +136,20 @@ def lazy_unmount(mountpoint: str | Path) -> None:
     _fusermount(mountpoint, lazy=True)
 
 
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` has exited; return False if it still runs after ``timeout_s``."""
+    try:
+        descriptor = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000))
+    finally:
+        os.close(descriptor)
+
+
 def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
     """Unmount a lazyfs mount; the daemon serving it then exits. Raise DaemonError.
 

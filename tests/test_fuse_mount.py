@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import signal
 import stat
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 from lazyfs.chunk import encode
 from lazyfs.config import DaemonConfig
 from lazyfs.control import ControlClient
-from lazyfs.daemon import is_mounted, mounted_filesystem, start_background
+from lazyfs.daemon import is_mounted, mounted_filesystem, start_background, wait_for_exit as daemon_wait_for_exit
 from lazyfs.errors import DaemonError
 from lazyfs.refs import chunk_key, publish
 from lazyfs.s3store import S3Store
@@ -507,6 +506,16 @@ def test_sigint_unmounts_cleanly(published: Published, tmp_path: Path):
         assert not is_mounted(process.mountpoint)
 
 
+def process_state(pid: int) -> str | None:
+    """Return the state letter of a process from /proc (R, S, Z, ...), or None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    # The command name in parentheses may contain spaces; the state follows it.
+    return text.rsplit(")", 1)[1].split()[0]
+
+
 def test_cli_unmount_ends_daemon(published: Published, tmp_path: Path):
     with running_daemon(directory=tmp_path, store_url=published.store.url) as process:
         result = subprocess.run(lazyfs_command("unmount", str(process.mountpoint)),
@@ -583,12 +592,7 @@ def test_cold_s3_then_warm_restart_from_disk(tmp_path: Path):
 
 def wait_for_exit(pid: int, timeout_s: float = 30.0) -> None:
     """Wait until a process that is not our child exits."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        readable, _, _ = select.select([pidfd], [], [], timeout_s)
-    finally:
-        os.close(pidfd)
-    assert readable, f"process {pid} still runs after {timeout_s} s"
+    assert daemon_wait_for_exit(pid, timeout_s), f"process {pid} still runs after {timeout_s} s"
 
 
 def test_start_background_serves(published: Published, tmp_path: Path):
@@ -666,7 +670,8 @@ def test_cli_mount_background_then_unmount(published: Published, tmp_path: Path)
                                    capture_output=True, text=True, timeout=60)
 
         assert unmounted.returncode == 0, unmounted.stderr
-        wait_for_exit(pid)
+        # lazyfs unmount returns only after the daemon has exited: it is gone or a zombie.
+        assert process_state(pid) in (None, "Z")
         assert not is_mounted(config.mountpoint)
     finally:
         cleanup(None, config)
