@@ -223,6 +223,12 @@ class _Load:
         self.error: Exception | None = None
 
 
+# A failed index load is remembered this long, so a storm of lookups of a
+# missing or broken image makes one store request instead of one per lookup,
+# and an image published after a failed lookup shows up within this time.
+INDEX_FAILURE_MEMORY_S = 2.0
+
+
 def _not_found(message: str) -> FilesystemError:
     return FilesystemError(errno.ENOENT, message)
 
@@ -232,6 +238,7 @@ class Tree:
 
     def __init__(self, store: Store, chain: TierChain, *, index_cache_dir: str | Path | None = None,
                  index_timeout_s: float = 30.0, clock_ns: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic,
                  readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
                  prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY):
         if readahead_chunks < 0:
@@ -250,6 +257,9 @@ class Tree:
         self.index_timeout_s = index_timeout_s
         self.counters: Counter[str] = Counter()
         self._clock_ns = clock_ns
+        self._monotonic = monotonic
+        # Index digest -> (monotonic time until which it is remembered, the load's error).
+        self._failed_loads: dict[str, tuple[float, Exception]] = {}
         self.mounted_at_ns = clock_ns()
         self._images_changed_ns = self.mounted_at_ns
         self._images: list[Image] = []
@@ -275,7 +285,16 @@ class Tree:
         return list(self._images)
 
     async def attach(self, digest: str) -> Image:
-        """Return the attached image of an index digest, loading it on first use."""
+        """Return the attached image of an index digest, loading it on first use.
+
+        A load that failed less than INDEX_FAILURE_MEMORY_S ago raises its error again.
+        """
+        failure = self._failed_loads.get(digest)
+        if failure is not None:
+            remembered_until, error = failure
+            if self._monotonic() < remembered_until:
+                raise error
+            del self._failed_loads[digest]
         while True:
             image = self._by_digest.get(digest)
             if image is not None:
@@ -293,6 +312,7 @@ class Tree:
             return load.image
         except Exception as exc:
             load.error = exc
+            self._failed_loads[digest] = (self._monotonic() + INDEX_FAILURE_MEMORY_S, exc)
             raise
         finally:
             # A cancelled load leaves neither image nor error; its waiters retry.

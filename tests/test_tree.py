@@ -17,7 +17,8 @@ from lazyfs.index import Node
 from lazyfs.refs import chunk_key, index_key
 from lazyfs.store_tier import StoreTier
 from lazyfs.tiers import RamTier, TierChain
-from lazyfs.tree import BLOCK_SIZE, FIRST_IMAGE_INODE, IMAGES_INODE, ROOT_INODE, SHIFTED_INODE, Tree
+from lazyfs.tree import (BLOCK_SIZE, FIRST_IMAGE_INODE, IMAGES_INODE, INDEX_FAILURE_MEMORY_S, ROOT_INODE,
+                         SHIFTED_INODE, Tree)
 from tests.support import sample_image
 from tests.support.sample_image import SampleImage, publish_sample_image, publish_single_file_image
 from tests.support.stores import ScriptedStore
@@ -109,6 +110,23 @@ async def test_tree_missing_index_enoent(store: ScriptedStore):
     assert_errno(caught, errno.ENOENT)
     assert store.gets[index_key(digest)] == 1
     assert list(tree.entries(IMAGES_INODE)) == []
+
+
+async def test_tree_failed_load_remembered_briefly(store: ScriptedStore):
+    now = [1000.0]
+    tree = make_tree(store, monotonic=lambda: now[0])
+    digest = "ab" * 32
+
+    for _ in range(3):
+        with pytest.raises(FilesystemError) as caught:
+            await tree.lookup(IMAGES_INODE, digest.encode())
+        assert_errno(caught, errno.ENOENT)
+    assert store.gets[index_key(digest)] == 1
+
+    now[0] += INDEX_FAILURE_MEMORY_S
+    with pytest.raises(FilesystemError):
+        await tree.lookup(IMAGES_INODE, digest.encode())
+    assert store.gets[index_key(digest)] == 2
 
 
 async def test_tree_index_digest_mismatch(store: ScriptedStore, sample: SampleImage):
