@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .config import DaemonConfig, load_config
 from .errors import (ConfigError, ControlError, DaemonError, IndexFormatError, IntegrityError,
-                     LazyfsError, RefNotFound, StoreError)
+                     InvalidReference, LazyfsError, RefNotFound, StoreError)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -30,7 +30,7 @@ EXIT_CODES_HELP = f"""\
 exit status:
   {EXIT_OK}    success
   {EXIT_INTERNAL}    internal error (a bug: please report it with the traceback)
-  {EXIT_USAGE}    invalid command line
+  {EXIT_USAGE}    invalid command line, or an invalid image reference in it
   {EXIT_CONFIG}    invalid configuration file, key or value
   {EXIT_STORE}    the store failed or could not be reached
   {EXIT_NOT_FOUND}    not found: no such image reference, or no daemon at the control socket
@@ -43,6 +43,8 @@ def exit_code_for(error: LazyfsError) -> int:
     """Return the exit status for a lazyfs error class (listed in EXIT_CODES_HELP)."""
     if isinstance(error, ConfigError):
         return EXIT_CONFIG
+    if isinstance(error, InvalidReference):
+        return EXIT_USAGE
     if isinstance(error, (RefNotFound, ControlError)):
         return EXIT_NOT_FOUND
     if isinstance(error, StoreError):
@@ -228,9 +230,27 @@ def _trace(arguments: argparse.Namespace) -> int:
     response = client.request({"op": "trace_save", "index": digest})
     if response["saved"]:
         print(f"saved the boot trace of {digest} with {response['chunks']} chunks")
-    else:
-        print(f"wrote no boot trace for {digest}: trace {response['state']}")
+        return EXIT_OK
+    state = response["state"]
+    if state == "not attached":
+        print(f"lazyfs trace: image {digest} is not attached to the daemon, so nothing was recorded: "
+              "read from the image first, with trace_record = true", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"wrote no boot trace for {digest}: {_TRACE_STATES.get(state, state)}")
     return EXIT_OK
+
+
+# Why a trace_save request wrote nothing, by the image's trace state.
+_TRACE_STATES = {
+    "saved": "its trace was saved already",
+    "exists": "the store has a valid trace for it already, which was kept",
+    "present": "the store has a valid trace for it already, which was kept",
+    "replaying": "the store has a valid trace for it already, which the daemon is replaying",
+    "replayed": "the store has a valid trace for it already, which the daemon replayed",
+    "empty": "the recording ended with no chunk read",
+    "none": "the daemon is not recording it (trace_record is off, or the recording ended)",
+    "loading": "the daemon is still looking for its trace in the store; try again",
+}
 
 
 # How long ``lazyfs unmount`` waits for the daemon to exit after the unmount.

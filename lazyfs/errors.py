@@ -50,6 +50,10 @@ class RefNotFound(LazyfsError):
     """No ref maps this image reference to an index."""
 
 
+class InvalidReference(LazyfsError):
+    """An image reference that is not a valid name, manifest digest or index digest."""
+
+
 class FilesystemError(LazyfsError):
     """A request on the mounted tree failed with a definite errno (ENOENT, ENODATA, ...)."""
 

@@ -16,7 +16,7 @@ import json
 import re
 import urllib.parse
 
-from .errors import LazyfsError, ObjectNotFound, RefNotFound
+from .errors import InvalidReference, LazyfsError, ObjectNotFound, RefNotFound
 from .store import Store
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -38,11 +38,11 @@ MAX_NAME_CHARS = 512
 
 
 def check_name(name: str) -> None:
-    """Raise LazyfsError unless ``name`` can be an image name ref."""
+    """Raise InvalidReference unless ``name`` can be an image name ref."""
     if name in ("", ".", "..") or len(name) > MAX_NAME_CHARS:
-        raise LazyfsError(f"invalid image name {name!r}: expected 1 to {MAX_NAME_CHARS} characters, not . or ..")
+        raise InvalidReference(f"invalid image name {name!r}: expected 1 to {MAX_NAME_CHARS} characters, not . or ..")
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
-        raise LazyfsError(f"invalid image name {name!r}: control characters are not allowed")
+        raise InvalidReference(f"invalid image name {name!r}: control characters are not allowed")
 
 
 def name_key(name: str) -> str:
@@ -53,7 +53,7 @@ def name_key(name: str) -> str:
 def manifest_key(manifest_digest: str) -> str:
     algorithm, _, hexdigest = manifest_digest.partition(":")
     if algorithm != "sha256" or not _HEX64.match(hexdigest):
-        raise LazyfsError(f"invalid manifest digest {manifest_digest!r}: expected sha256:<64 hex digits>")
+        raise InvalidReference(f"invalid manifest digest {manifest_digest!r}: expected sha256:<64 hex digits>")
     return f"refs/manifests/sha256/{hexdigest}"
 
 

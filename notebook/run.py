@@ -48,11 +48,14 @@ DEFAULT_STATE_DIR = Path("/var/lib/lazyfs/containers")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazyfs-run",
+        usage="%(prog)s [options] IMAGE [--] [COMMAND [ARG ...]]",
         description="Run a command in a runc container whose root is a lazily fetched image.",
         epilog="Exit code: the command's own; 125 when the container could not be set up, "
                "126 when the command could not be executed, 127 when it was not found; 2 usage error.",
     )
-    parser.add_argument("image", help="image name, manifest digest (sha256:...) or index digest")
+    # Optional only for argparse: with a REMAINDER positional after it, a
+    # missing image would be reported as "image, command" both required.
+    parser.add_argument("image", nargs="?", help="image name, manifest digest (sha256:...) or index digest")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="command and arguments, optionally after --; default: the image's Entrypoint + Cmd")
     parser.add_argument("--config", type=Path, help="daemon configuration file (TOML)")
@@ -207,6 +210,8 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.image is None:
+        parser.error("the following argument is required: image (the command is optional)")
     try:
         _check_arguments(args)
     except UsageError as exc:

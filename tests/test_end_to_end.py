@@ -293,6 +293,15 @@ def test_run_rejects_bad_arguments(arguments, message):
     assert process.stderr.endswith(f"lazyfs-run: error: {message}\n")
 
 
+def test_run_without_image_names_only_image():
+    process = subprocess.run([sys.executable, "-m", "lazyfs.notebook.run"], capture_output=True, text=True,
+                             timeout=60)
+
+    assert process.returncode == 2
+    assert process.stderr.endswith(
+        "lazyfs-run: error: the following argument is required: image (the command is optional)\n")
+
+
 @pytest.mark.parametrize("command, code, message", [
     ("nosuchcmd", 127, 'exec: "nosuchcmd": executable file not found in $PATH'),
     ("/etc/passwd", 126, 'exec: "/etc/passwd": permission denied'),

@@ -470,6 +470,19 @@ def test_cli_resolve_unknown(published: Published):
     assert result.stderr.startswith("lazyfs resolve: no image named 'nothing:here'")
 
 
+@pytest.mark.parametrize("reference, message", [
+    ("sha256:0000", "invalid manifest digest 'sha256:0000'"),
+    ("", "invalid image name ''"),
+])
+def test_cli_resolve_invalid_reference_usage_error(published: Published, reference: str, message: str):
+    result = subprocess.run(lazyfs_command("resolve", "--store", published.store.url, reference),
+                            capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"lazyfs resolve: {message}")
+
+
 def test_cli_mount_bad_config(tmp_path: Path):
     config = tmp_path / "bad.toml"
     config.write_text("ram_cache_bytes = -1\n")

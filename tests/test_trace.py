@@ -199,6 +199,18 @@ def test_trace_recorded_in_first_read_order(image, s3_server, tmp_path):
     assert status["recording_chunks"] == 0
 
 
+def test_trace_save_of_unattached_image_fails(image, s3_server, tmp_path):
+    with start(image, tmp_path, s3_server.endpoint_url) as daemon:
+        saved = subprocess.run(
+            [sys.executable, "-m", "lazyfs.cli", "trace", "save", image.digest,
+             "--socket", str(daemon.control_socket)], capture_output=True, text=True, timeout=60)
+
+    assert saved.returncode == 5
+    assert saved.stdout == ""
+    assert saved.stderr == (f"lazyfs trace: image {image.digest} is not attached to the daemon, so nothing "
+                            "was recorded: read from the image first, with trace_record = true\n")
+
+
 def test_full_recording_saved_at_once(image, s3_server, tmp_path):
     with start(image, tmp_path, s3_server.endpoint_url, trace_max_chunks=2) as daemon:
         for name in ("f3", "f1", "f5"):
