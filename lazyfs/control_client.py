@@ -63,7 +63,7 @@ class ControlClient:
         if not isinstance(response, dict):
             raise ControlError(f"the daemon at {self.path} sent a non-object response")
         if "error" in response:
-            raise ControlError(f"the daemon at {self.path} rejected the {request.get('op')} request: "
+            raise ControlError(f"the daemon at {self.path} failed the {request.get('op')} request: "
                                f"{response['error']}")
         return response
 

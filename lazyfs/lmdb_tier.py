@@ -70,7 +70,7 @@ import lmdb
 import trio
 import xxhash
 
-from .logutil import current_image
+from .logutil import image_phrase
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,8 @@ class LmdbTier(Tier):
         if result is _CORRUPT:
             self.counters["corrupt"] += 1
             self.counters["misses"] += 1
-            log.warning("disk cache entry for chunk %s of image %s failed its XXH3 check; dropping it",
-                        address.hex(), current_image() or "-")
+            log.warning("disk cache entry for chunk %s%s failed its XXH3 check; dropping it",
+                        address.hex(), image_phrase("of"))
             try:
                 await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
             except (lmdb.Error, struct.error, ValueError) as exc:

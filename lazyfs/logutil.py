@@ -207,3 +207,9 @@ def image_context(digest: str) -> Iterator[None]:
 def current_image() -> str | None:
     """Return the digest set by the innermost ``image_context``, or None."""
     return _current_image.get()
+
+
+def image_phrase(preposition: str) -> str:
+    """Return " <preposition> image <digest>" inside an ``image_context``, else "" (for log lines)."""
+    digest = _current_image.get()
+    return f" {preposition} image {digest}" if digest else ""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ObjectNotFound, StoreError, StoreUnavailable
-from .logutil import RateLimitedLog, current_image
+from .logutil import RateLimitedLog, image_phrase
 
 log = logging.getLogger(__name__)
 # Retry lines repeat when the same object fails again and again; see ``retry``.
@@ -248,8 +248,8 @@ def retry(operation: str, key: str, options: StoreOptions, call, is_temporary, o
                 on_retry()
             level = logging.INFO if attempt == 1 else logging.WARNING
             _retry_log.log(level, (operation, key, attempt),
-                           "%s %s for image %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                           operation, key, current_image() or "-", attempt, options.max_attempts,
+                           "%s %s%s failed (attempt %d of %d), retrying in %.2fs: %s",
+                           operation, key, image_phrase("for"), attempt, options.max_attempts,
                            delay, exc)
             time.sleep(delay)
             attempt += 1

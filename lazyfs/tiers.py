@@ -53,7 +53,7 @@ from typing import Callable, NamedTuple
 import trio
 
 from .errors import IntegrityError, ObjectNotFound, StoreUnavailable
-from .logutil import RateLimitedLog, current_image
+from .logutil import RateLimitedLog, image_phrase
 from .prefetch import in_background
 from .refs import chunk_key
 
@@ -379,8 +379,8 @@ class TierChain:
             await tier.put(address, data)
         except Exception:
             self.counters["fill_errors"] += 1
-            _fill_log.log(logging.WARNING, tier.name, "filling tier %s with chunk %s of image %s failed",
-                          tier.name, address.hex(), current_image() or "-", exc_info=True)
+            _fill_log.log(logging.WARNING, tier.name, "filling tier %s with chunk %s%s failed",
+                          tier.name, address.hex(), image_phrase("of"), exc_info=True)
 
     def _raise_if_failed_recently(self, address: bytes) -> None:
         failure = self._failures.get(address)
