@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import IntegrityError, LazyfsError, StoreError
+from .errors import LazyfsError, StoreError
+from .logutil import image_context
 from .refs import is_index_digest
 from .store import Store
 from .trace import TraceRecorder, load_trace, save_trace
@@ -232,24 +233,14 @@ class BootTraces:
                  counters["replay_cached"], counters["replay_errors"])
 
     async def _prefetch(self, entry: _ImageTrace, address: bytes, slots: trio.Semaphore) -> None:
-        image = entry.image
         try:
-            with background_fetches():
-                fetched = await self.chain.fetch(address)
-        except (StoreError, IntegrityError) as exc:
-            # The chain remembers definite failures; the demand read reports them.
-            entry.counters["replay_errors"] += 1
-            log.debug("prefetching chunk %s of image %s failed: %s", address.hex(), image.digest, exc)
-        except Exception:
-            entry.counters["replay_errors"] += 1
-            log.warning("prefetching chunk %s of image %s failed", address.hex(), image.digest,
-                        exc_info=True)
-        else:
-            if fetched.remote and not fetched.joined:
+            with background_fetches(), image_context(entry.image.digest):
+                fetched = await self.chain.fetch_ahead(address)
+            if fetched is None:
+                entry.counters["replay_errors"] += 1
+            elif fetched.remote and not fetched.joined:
                 entry.counters["replay_fetched"] += 1
-                image.counters["prefetched_chunks"] += 1
-                image.counters["fetched_chunks"] += 1
-                image.counters["fetched_bytes"] += len(fetched.data)
+                entry.image.count_prefetch(fetched)
             else:
                 entry.counters["replay_cached"] += 1
         finally:

@@ -52,7 +52,7 @@ from typing import Callable, NamedTuple
 
 import trio
 
-from .errors import IntegrityError, ObjectNotFound, StoreUnavailable
+from .errors import IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from .logutil import RateLimitedLog, image_phrase
 from .prefetch import in_background
 from .refs import chunk_key
@@ -225,6 +225,21 @@ class TierChain:
     async def get(self, address: bytes) -> bytes:
         """Return the chunk's verified bytes; raise StoreError or IntegrityError."""
         return (await self.fetch(address)).data
+
+    async def fetch_ahead(self, address: bytes) -> ChunkFetch | None:
+        """Fetch a chunk before any reader asks for it; return None when the fetch fails.
+
+        A failure is only logged, because the chain remembers definite failures,
+        so a demand read of the chunk fails the same way and reports it.
+        """
+        try:
+            return await self.fetch(address)
+        except (StoreError, IntegrityError) as exc:
+            log.debug("prefetching chunk %s%s failed: %s", address.hex(), image_phrase("of"), exc)
+        except Exception:
+            # For example a disk tier closed by a shutdown while this ran.
+            log.warning("prefetching chunk %s%s failed", address.hex(), image_phrase("of"), exc_info=True)
+        return None
 
     async def fetch(self, address: bytes) -> ChunkFetch:
         """Return the chunk with the name of the tier that had it.

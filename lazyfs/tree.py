@@ -76,7 +76,7 @@ from .index import Index, Inode
 from .logutil import image_context
 from .refs import index_key
 from .store import Store
-from .tiers import TierChain
+from .tiers import ChunkFetch, TierChain
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,13 @@ class Image:
                   "read_errors": 0}
         result.update(self.counters)
         return result
+
+    def count_prefetch(self, fetched: ChunkFetch) -> None:
+        """Count a chunk that a prefetch (read-ahead or trace replay) fetched from a store."""
+        if fetched.remote and not fetched.joined:
+            self.counters["prefetched_chunks"] += 1
+            self.counters["fetched_chunks"] += 1
+            self.counters["fetched_bytes"] += len(fetched.data)
 
 
 @dataclass(eq=False)
@@ -717,22 +724,11 @@ class Tree:
                 # outrunning them, which would make the chain drop fills.
                 await self.chain.wait_for_fill_room()
                 with image_context(image.digest):
-                    fetched = await self.chain.fetch(address)
-        except (StoreError, IntegrityError) as exc:
-            # The chain remembers definite failures, so the demand read of
-            # this chunk fails the same way and reports it.
-            self.counters["prefetch_errors"] += 1
-            log.debug("prefetching chunk %s of image %s failed: %s", address.hex(), image.digest, exc)
-        except Exception:
-            # For example a disk tier closed by a shutdown while this ran.
-            self.counters["prefetch_errors"] += 1
-            log.warning("prefetching chunk %s of image %s failed", address.hex(), image.digest,
-                        exc_info=True)
-        else:
-            if fetched.remote and not fetched.joined:
-                image.counters["prefetched_chunks"] += 1
-                image.counters["fetched_chunks"] += 1
-                image.counters["fetched_bytes"] += len(fetched.data)
+                    fetched = await self.chain.fetch_ahead(address)
+            if fetched is None:
+                self.counters["prefetch_errors"] += 1
+            else:
+                image.count_prefetch(fetched)
         finally:
             self._prefetching.discard(address)
             if not self._prefetching:
