@@ -254,22 +254,29 @@ def _build(images_dir: Path, layout_dir: Path, recipe: Recipe) -> None:
     log.info("built test image %s in %.0f s", layout_dir, time.monotonic() - started)
 
 
-def _build_layout(build_dir: Path, mirror: str, recipe: Recipe) -> Path:
+def _build_base_layer(build_dir: Path, mirror: str) -> tuple[Path, str, Path]:
+    """Start a layout in ``build_dir`` with a minbase bootstrap as layer 1; return (layout, image, bundle).
+
+    The bootstrap goes straight into the bundle's rootfs, and --refresh-bundle
+    makes the next repack diff against this layer, not the empty image.
+    """
     layout = build_dir / "layout"
     bundle = build_dir / "bundle"
-    debs = build_dir / "debs"
-    debs.mkdir()
+    (build_dir / "debs").mkdir()
     image = f"{layout}:{TAG}"
 
     _run(["umoci", "init", "--layout", str(layout)])
     _run(["umoci", "new", "--image", image])
     _run(["umoci", "unpack", "--image", image, str(bundle)])
-    rootfs = bundle / "rootfs"
-
-    # Both bootstraps go straight into the bundle's rootfs. --refresh-bundle
-    # makes the second repack diff against the first layer, not the empty image.
-    _debootstrap(rootfs, mirror, debs, build_dir / "debootstrap-base.log")
+    _debootstrap(bundle / "rootfs", mirror, build_dir / "debs", build_dir / "debootstrap-base.log")
     _run(["umoci", "repack", "--refresh-bundle", "--image", image, str(bundle)])
+    return layout, image, bundle
+
+
+def _build_layout(build_dir: Path, mirror: str, recipe: Recipe) -> Path:
+    layout, image, bundle = _build_base_layer(build_dir, mirror)
+    rootfs = bundle / "rootfs"
+    debs = build_dir / "debs"
 
     _empty_dir(rootfs)
     _debootstrap(
@@ -424,19 +431,8 @@ def fat_image() -> tuple[Path, str]:
 
 
 def _build_fat_layout(build_dir: Path, mirror: str) -> Path:
-    layout = build_dir / "layout"
-    bundle = build_dir / "bundle"
-    debs = build_dir / "debs"
-    debs.mkdir()
-    image = f"{layout}:{TAG}"
-
-    _run(["umoci", "init", "--layout", str(layout)])
-    _run(["umoci", "new", "--image", image])
-    _run(["umoci", "unpack", "--image", image, str(bundle)])
+    layout, image, bundle = _build_base_layer(build_dir, mirror)
     rootfs = bundle / "rootfs"
-
-    _debootstrap(rootfs, mirror, debs, build_dir / "debootstrap-base.log")
-    _run(["umoci", "repack", "--refresh-bundle", "--image", image, str(bundle)])
 
     _apt_get_install(rootfs, FAT_PACKAGES, build_dir / "apt-get.log")
     _strip_rootfs(rootfs)
