@@ -15,8 +15,8 @@ recording when the command exits. The states, each measured ``--runs`` times:
   20 ms of round-trip time between the daemon and the S3 server (this kernel
   has no netem queueing discipline).
 - lazyfs cold with trace, 20 ms store RTT: the same with ``trace_replay`` on.
-- lazyfs 8 cold boots at once: a new daemon with empty tiers, eight
-  ``lazyfs-run`` processes started together; the time is until the last one
+- lazyfs 8 cold boots at once: a new daemon with empty tiers and eight
+  ``lazyfs-run`` processes started together. The time runs until the last one
   ended, and the counters cover all eight.
 - lazyfs cold with trace: like cold, with ``trace_replay`` on, so the daemon
   prefetches the trace's chunks in the background from the attach on.

@@ -6,9 +6,9 @@ indexed with ``lazyfs-index`` into a ``file://`` store, unpacked with
 that tree is packed into a zstd squashfs mounted with ``squashfuse``. Each
 round, with the dentry, inode and page caches dropped first, measures:
 
-- attach: a new daemon with empty tiers, the time from the first lookup of
-  ``images/<digest>`` to the end of its listing; then the daemon's resident
-  memory (VmRSS) with the image attached;
+- attach: on a new daemon with empty tiers, the time from the first lookup
+  of ``images/<digest>`` to the end of its listing. Then the daemon's
+  resident memory (VmRSS) with the image attached.
 - stat: ``lstat`` of every entry of the tree, walked with ``os.scandir``, on
   the lazyfs mount (right after the attach), on the squashfuse mount and on
   the unpacked tree.

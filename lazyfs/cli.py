@@ -240,7 +240,7 @@ def _trace(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Why a trace_save request wrote nothing, by the image's trace state.
+# Reasons a trace_save request wrote nothing, by the image's trace state.
 _TRACE_STATES = {
     "saved": "its trace was saved already",
     "exists": "the store has a valid trace for it already, which was kept",

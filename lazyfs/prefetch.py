@@ -212,8 +212,8 @@ class BootTraces:
     async def _replay(self, entry: _ImageTrace, addresses: list[bytes]) -> None:
         image = entry.image
         known = await trio.to_thread.run_sync(_chunk_addresses, image.index)
-        wanted = [address for address in addresses if address in known]
-        skipped = len(addresses) - len(wanted)
+        listed = [address for address in addresses if address in known]
+        skipped = len(addresses) - len(listed)
         if skipped:
             entry.counters["replay_skipped"] = skipped
             log.warning("boot trace of image %s lists %d chunks that its index does not; skipping them",
@@ -221,7 +221,7 @@ class BootTraces:
         started = trio.current_time()
         slots = trio.Semaphore(self.concurrency)
         async with trio.open_nursery() as nursery:
-            for address in wanted:
+            for address in listed:
                 await slots.acquire()
                 # Like read-ahead, a replay waits for the disk fills instead of
                 # outrunning them, which would make the chain drop fills.

@@ -98,8 +98,8 @@ class S3Store(Store):
             # StreamingBody.read, unlike the urllib3 response that its context
             # manager returns, turns a timeout or a broken connection in the body
             # into a botocore error and checks the Content-Length.
-            # TODO: a body that arrives slower than one byte per read_timeout_s
-            # holds this worker thread, and a fetch slot, until its last byte.
+            # TODO: a body that keeps trickling in without ever pausing for
+            # read_timeout_s keeps this worker thread and a fetch slot until its end.
             body = response["Body"]
             try:
                 return body.read()

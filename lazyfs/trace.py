@@ -145,7 +145,7 @@ def save_trace(store: Store, index_digest: str, addresses: list[bytes]) -> bool:
     """Write a trace unless a valid one exists; return whether it was written.
 
     An invalid stored trace is replaced. Two daemons that save at the same
-    moment can both write; the object stays a whole, valid trace either way,
+    moment can both write. The object stays a whole, valid trace either way,
     because a store put is atomic.
     """
     key = trace_key(index_digest)

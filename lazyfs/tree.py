@@ -230,9 +230,9 @@ class _Load:
         self.error: Exception | None = None
 
 
-# A failed index load is remembered this long, so a storm of lookups of a
-# missing or broken image makes one store request instead of one per lookup,
-# and an image published after a failed lookup shows up within this time.
+# How long a failed index load is remembered. Lookups of a missing or broken
+# image in a loop then make one store request in that time, not one each, and
+# an image published after a failed lookup shows up at most this much later.
 INDEX_FAILURE_MEMORY_S = 2.0
 
 

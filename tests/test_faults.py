@@ -166,12 +166,12 @@ def stall_config(directory: Path, image: IndexedImage, proxy: FaultProxy, **fiel
 
 def metric(text: str, name: str, **labels: str) -> float:
     """Return one sample of a Prometheus text exposition, 0 when it is absent."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    expected = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
     for line in text.splitlines():
         sample, _, value = line.rpartition(" ")
         sample_name, _, label_text = sample.partition("{")
         found = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-        if sample_name == name and found == wanted:
+        if sample_name == name and found == expected:
             return float(value)
     return 0.0
 
@@ -228,7 +228,7 @@ def test_cold_read_through_flaky_store(image, proxy, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 2. A store that stalls or stops answering
+# 2. A store that stalls or stops responding
 
 
 def test_default_timeouts_under_a_minute():

@@ -385,11 +385,11 @@ def test_diff_id_mismatch(sandbox):
                                     f"(diff_id {wrong}): content has digest sha256:")
 
 
-# -- registry answers ------------------------------------------------------------------
+# -- registry responses ----------------------------------------------------------------
 
 
 class FakeRegistry:
-    """A registry API v2 on 127.0.0.1 serving one layout; ``bodies`` replaces answers by path."""
+    """A registry API v2 on 127.0.0.1 serving one layout; ``bodies`` replaces response bodies by path."""
 
     repository = "hostile/image"
 

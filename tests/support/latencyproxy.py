@@ -7,9 +7,9 @@ exchange therefore takes at least ``2 * one_way_delay_s`` more than it would
 without the proxy, which is a round-trip time of that much. Bandwidth is not
 limited.
 
-Each connection gets two forwarding pipes (one per direction); each pipe has
-a reader thread that stamps what it receives with its delivery time and a
-writer thread that sends it once that time has come.
+Each connection gets two forwarding pipes, one per direction. In each pipe a
+reader thread stamps what it receives with its delivery time, and a writer
+thread sends it once that time has come.
 """
 
 from __future__ import annotations
