@@ -76,8 +76,9 @@ class DaemonConfig:
     # Boot traces (lazyfs.prefetch). Recording stores the order in which an
     # image's chunks are first read beside its index. Replay prefetches a
     # stored trace's chunks in the background when a daemon attaches the image.
+    # Recording needs write access to the store, so only replay is on by default.
     trace_record: bool = False
-    trace_replay: bool = False
+    trace_replay: bool = True
     # A recording ends this long after the attach, unless a trace_save request
     # or trace_max_chunks ended it earlier.
     trace_window_s: float = 60.0

@@ -267,12 +267,19 @@ def mount(operations: Operations, config: DaemonConfig) -> None:
     log.info("mounted lazyfs at %s", config.mountpoint)
 
 
+def trace_cache_dir(config: DaemonConfig) -> Path | None:
+    """Return where boot traces are kept locally: beside the disk tier, or nowhere without one."""
+    if config.disk_cache_bytes <= 0:
+        return None
+    return Path(config.disk_cache_path) / "traces"
+
+
 def build_boot_traces(config: DaemonConfig, store: Store, chain: TierChain, tree: Tree) -> BootTraces:
     """Return the boot trace recorder and replayer, following the tree's attaches and reads."""
     traces = BootTraces(store, chain, record=config.trace_record, replay=config.trace_replay,
                         window_s=config.trace_window_s, max_chunks=config.trace_max_chunks,
                         concurrency=config.trace_replay_concurrency,
-                        store_timeout_s=config.fetch_timeout_s)
+                        store_timeout_s=config.fetch_timeout_s, cache_dir=trace_cache_dir(config))
     traces.attach_to(tree)
     return traces
 

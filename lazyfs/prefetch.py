@@ -1,11 +1,13 @@
 """Boot traces in the daemon: record an image's first reads, replay them as background prefetch.
 
 ``BootTraces`` follows every attached image when ``trace_record`` or
-``trace_replay`` is on (both off by default). On attach it starts recording at
+``trace_replay`` is on (replay is on by default, recording off). On attach it starts recording at
 once, so that no early read is missed, and loads ``traces/<index digest>``
 from the store in a background task (format in ``lazyfs.trace``):
 
-- A valid trace ends the recording. With ``trace_replay`` the trace's chunks
+- A valid trace ends the recording. A daemon with a disk tier keeps valid
+  traces in ``<disk_cache_path>/traces`` and loads them from there on later
+  attaches, with no store request. With ``trace_replay`` the trace's chunks
   are fetched in trace order through the tier chain, ``trace_replay_concurrency``
   at a time, so they land in the LMDB tier and, where the RAM tier has free
   room, in RAM.
@@ -37,6 +39,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -45,7 +48,7 @@ from .errors import LazyfsError, StoreError
 from .logutil import image_context
 from .refs import is_index_digest
 from .store import Store
-from .trace import TraceRecorder, load_trace, save_trace
+from .trace import TraceRecorder, encode_trace, load_trace, save_trace, write_cached_trace
 
 if TYPE_CHECKING:
     from .index import Index
@@ -99,8 +102,10 @@ class BootTraces:
     """Recording and replay of boot traces for every image of one tree; see the module docstring."""
 
     def __init__(self, store: Store, chain: TierChain, *, record: bool, replay: bool, window_s: float,
-                 max_chunks: int, concurrency: int, store_timeout_s: float):
+                 max_chunks: int, concurrency: int, store_timeout_s: float, cache_dir: Path | None = None):
         self.store = store
+        # Local copies of valid traces (lazyfs.trace); None keeps none.
+        self.cache_dir = cache_dir
         self.chain = chain
         self.record = record
         self.replay = replay
@@ -170,7 +175,7 @@ class BootTraces:
         digest = entry.image.digest
         try:
             with trio.fail_after(self.store_timeout_s):
-                addresses = await trio.to_thread.run_sync(load_trace, self.store, digest,
+                addresses = await trio.to_thread.run_sync(load_trace, self.store, digest, self.cache_dir,
                                                           abandon_on_cancel=True)
         except (StoreError, trio.TooSlowError) as exc:
             # The store may respond later, and a trace saved then is kept.
@@ -277,6 +282,9 @@ class BootTraces:
             message = str(exc) or f"timed out after {self.store_timeout_s:g} s"
             log.warning("saving the boot trace of image %s to %s failed: %s", digest, self.store.url, message)
             raise StoreError(f"saving the boot trace of image {digest} failed: {message}") from None
+        if written and self.cache_dir is not None:
+            await trio.to_thread.run_sync(write_cached_trace, self.cache_dir, digest,
+                                          encode_trace(digest, addresses))
         entry.state = "saved" if written else "exists"
         entry.counters["saved_chunks"] = len(addresses) if written else 0
         return {"index": digest, "saved": written, "chunks": len(addresses), "state": entry.state}

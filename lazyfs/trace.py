@@ -22,13 +22,23 @@ worst, never wrong bytes.
 ``TraceRecorder`` collects addresses in first-read order, bounded by
 ``max_chunks``. ``load_trace`` and ``save_trace`` are blocking, like the
 store; the daemon runs them in worker threads (``lazyfs.prefetch``).
+
+A daemon with a disk tier keeps each valid trace it loaded or wrote in a
+local cache directory, ``<cache_dir>/<index digest>``, and reads it from there
+on later attaches, so a restart over a filled disk tier makes no store
+request for it. A cached trace stays valid, because ``save_trace`` never
+replaces a valid stored trace (two saves at the same moment can write two
+different valid traces, and either one serves). A missing trace is not
+cached, so a trace recorded later is found on the next attach.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
+from pathlib import Path
 
 from .errors import LazyfsError, ObjectNotFound
 from .store import Store
@@ -121,13 +131,18 @@ class TraceRecorder:
         return list(self._seen)
 
 
-def load_trace(store: Store, index_digest: str) -> list[bytes] | None:
-    """Return an image's stored trace, or None when it is missing or invalid.
+def load_trace(store: Store, index_digest: str, cache_dir: Path | None = None) -> list[bytes] | None:
+    """Return an image's trace, or None when it is missing or invalid.
 
-    Either case logs one line, because a trace only speeds a boot up and a
-    reader never depends on it. Store errors other than a missing object
-    propagate.
+    With ``cache_dir``, a valid cached copy is used without asking the store,
+    and a valid trace from the store is cached. A missing or invalid trace
+    logs one line, because a trace only speeds a boot up and a reader never
+    depends on it. Store errors other than a missing object propagate.
     """
+    if cache_dir is not None:
+        cached = _read_cached_trace(cache_dir, index_digest)
+        if cached is not None:
+            return cached
     key = trace_key(index_digest)
     try:
         data = store.get(key)
@@ -135,10 +150,44 @@ def load_trace(store: Store, index_digest: str) -> list[bytes] | None:
         log.info("no boot trace %s in %s", key, store.url)
         return None
     try:
-        return decode_trace(data, index_digest)
+        addresses = decode_trace(data, index_digest)
     except TraceFormatError as exc:
         log.warning("ignoring invalid boot trace in %s: %s", store.url, exc)
         return None
+    if cache_dir is not None:
+        write_cached_trace(cache_dir, index_digest, data)
+    return addresses
+
+
+def _read_cached_trace(cache_dir: Path, index_digest: str) -> list[bytes] | None:
+    path = cache_dir / index_digest
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read cached boot trace %s: %s; loading it from the store", path, exc.strerror)
+        return None
+    try:
+        return decode_trace(data, index_digest)
+    except TraceFormatError as exc:
+        log.warning("cached boot trace %s is invalid (%s); removing it and loading it from the store", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def write_cached_trace(cache_dir: Path, index_digest: str, data: bytes) -> None:
+    """Keep a valid trace in ``cache_dir``; a failure is logged, because the cache is optional."""
+    # Written to a temporary name and renamed, so a reader sees all of it or nothing.
+    path = cache_dir / index_digest
+    temporary = path.with_name(f".{index_digest}.{os.getpid()}.tmp")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        log.warning("cannot cache boot trace %s at %s: %s", index_digest, path, exc.strerror)
 
 
 def save_trace(store: Store, index_digest: str, addresses: list[bytes]) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.control import ControlClient
 from lazyfs.notebook.container import Runc, reap_stale_containers
 from tests.support import images, trees
 from tests.support.containers import searchable_directory
@@ -175,7 +176,8 @@ def test_cold_then_warm_after_restart(registry, debootstrap_image, tmp_path):
         fields = {"store_url": store_url, "s3_endpoint_url": server.endpoint_url,
                   "store_max_attempts": 1, "fetch_timeout_s": 10.0}
 
-        with running_daemon(directory=tmp_path / "cold", **fields) as daemon:
+        # The cold daemon records the boot trace, which lazyfs-run saves when its command exits.
+        with running_daemon(directory=tmp_path / "cold", trace_record=True, **fields) as daemon:
             cold, cold_stats = run_command(daemon, tmp_path, result["index_digest"], "python3", "-c", PROGRAM)
             cold_status = daemon.status()
         disk_cache = Path(daemon.config.disk_cache_path)
@@ -184,17 +186,25 @@ def test_cold_then_warm_after_restart(registry, debootstrap_image, tmp_path):
         assert cold.stdout == EXPECTED_OUTPUT
         assert cold_stats["fetched"]["store"]["requests"] > 0
         assert cold_status["store_requests"]["get"] > 0
+        cold_trace = cold_status["traces"][result["index_digest"]]
+        assert cold_trace["state"] == "saved"
+        assert cold_trace["saved_chunks"] > 0
 
-        # With the store gone, any request would fail: the warm run must not make one.
+        # With the store gone, any request would fail: the warm run must not
+        # make one, and its trace replay reads the trace from the local copy.
         server.stop()
         with running_daemon(directory=tmp_path / "warm", disk_cache_path=str(disk_cache),
                             **fields) as daemon:
             warm, warm_stats = run_command(daemon, tmp_path, result["index_digest"], "python3", "-c", PROGRAM)
+            # Waits for the trace replay to end.
+            assert ControlClient(daemon.control_socket).request({"op": "sync"}) == {}
             warm_status = daemon.status()
 
         assert warm.returncode == 0, warm.stderr
         assert warm.stdout == EXPECTED_OUTPUT
         assert warm_status["store_requests"] == {}
+        assert warm_status["traces"][result["index_digest"]]["state"] == "replayed"
+        assert warm_status["traces"][result["index_digest"]]["trace_chunks"] == cold_trace["saved_chunks"]
         assert warm_stats["fetched"]["store"]["requests"] == 0
         assert warm_stats["fetched"]["disk"]["hits"] > 0
         assert warm_stats["fetched"]["disk"]["bytes_served"] == cold_stats["fetched"]["store"]["bytes_served"]

@@ -368,7 +368,8 @@ def test_corrupt_disk_entry_refetched(image, tmp_path, damage):
     assert status["tiers"]["disk"]["corrupt"] == 1
     assert metric(exposition, "lazyfs_verification_failures_total", tier="disk") == 1
     assert status["tiers"]["store"]["hits"] == 1
-    assert status["store_requests"] == {"get": 1}
+    # The refetch and the boot trace lookup of the default trace_replay.
+    assert status["store_requests"] == {"get": 2}
     assert status["tiers"]["disk"]["puts"] == 1
     env, chunks_db = lmdb_chunks(cache_path)
     with env.begin(db=chunks_db) as txn:
@@ -412,12 +413,17 @@ def test_killed_daemon_reader_fails_restart_serves(image, proxy, tmp_path):
         with running_daemon(config, directory=tmp_path) as restarted:
             assert "stale mount" in restarted.log_text()
             assert mismatches(image, restarted.image(image.digest), [cached_path]) == []
+            sync_fills(restarted)
             status = restarted.status()
-            assert status["store_requests"] == {}
+            # The one store request is the boot trace lookup of the default
+            # trace_replay, and the image has no trace: no chunk was fetched.
+            assert status["store_requests"] == {"get": 1}
+            assert status["store_results"] == {"get": {"not_found": 1}}
             assert status["tiers"]["store"]["requests"] == 0
             assert status["tiers"]["disk"]["hits"] >= 1
             assert status["tiers"]["disk"]["corrupt"] == 0
-            assert len(proxy.requests) == requests_before
+            assert [path.rsplit("/", 2)[-2:] for _method, path, _action in proxy.requests[requests_before:]] == [
+                ["traces", image.digest]]
             assert mismatches(image, restarted.image(image.digest), [cold_path]) == []
             # A container keeps the dead mount as its lower layer.
             assert read_errno(container.rootfs / os.fsdecode(unread_path)) == errno.ENOTCONN

@@ -590,8 +590,15 @@ def test_cold_s3_then_warm_restart_from_disk(tmp_path: Path):
         with running_daemon(config, directory=tmp_path) as warm:
             for path, data in sample.files.items():
                 assert read_file(file_path(warm.image(sample.digest), path)) == data
+            ControlClient(warm.control_socket).request({"op": "sync"})
             status = warm.status()
-            assert status["store_requests"] == {}
+            log_text = warm.log_text()
+            # The only store request is the boot trace lookup of the default
+            # trace_replay, retried once and failed; readers never wait for it.
+            assert status["store_requests"] == {"get": 1}
+            assert status["store_results"] == {"get": {"unavailable": 1}}
+            assert status["traces"][sample.digest]["state"] == "none"
+            assert f"cannot load the boot trace of image {sample.digest}" in log_text
             assert status["tiers"]["store"]["requests"] == 0
             assert status["tiers"]["disk"]["hits"] == 3
             assert status["tiers"]["disk"]["corrupt"] == 0

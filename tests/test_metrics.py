@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lazyfs import cli
 from lazyfs.chunk import encode
 from lazyfs.config import load_config, parse_host_port
+from lazyfs.control import ControlClient
 from lazyfs.daemon import is_mounted
 from lazyfs.errors import ConfigError, ObjectNotFound, StoreUnavailable
 from lazyfs.metrics import FuseMetrics, MetricsServer, TierMetrics, build_registry
@@ -325,13 +326,16 @@ def test_daemon_metrics_after_cold_read(tmp_path: Path, store: FileStore):
         # The kernel keeps the negative entry, so a second stat makes no lookup.
         with pytest.raises(FileNotFoundError):
             os.stat(root / "missing")
+        # Waits for the boot trace lookup.
+        assert ControlClient(daemon.control_socket).request({"op": "sync"}) == {}
         response = scrape(port)
         assert response.status == 200
         parsed = samples(response.read().decode())
 
     file_bytes = FIRST_CHUNK_BYTES + SECOND_CHUNK_BYTES
-    # One index and two chunks, each fetched once.
-    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 3
+    # One index and two chunks, each fetched once, and the boot trace lookup
+    # of the default trace_replay.
+    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 4
     assert value(parsed, "lazyfs_store_fetches_total", tier="store") == 2
     assert value(parsed, "lazyfs_tier_hits_total", tier="store") == 2
     assert value(parsed, "lazyfs_tier_bytes_served_total", tier="store") == file_bytes
@@ -415,6 +419,8 @@ def test_daemon_metrics_exact_workload(tmp_path: Path, store: FileStore):
         assert (daemon.image(other_digest) / "file.bin").read_bytes() == b"x" * 100
         assert read_error(daemon.image(missing_digest) / "file.bin") == errno.EIO
         assert read_error(daemon.image(corrupt_digest) / "file.bin") == errno.EIO
+        # Waits for the boot trace lookups.
+        assert ControlClient(daemon.control_socket).request({"op": "sync"}) == {}
         response = scrape(port)
         assert response.status == 200
         parsed = samples(response.read().decode())
@@ -449,10 +455,11 @@ def test_daemon_metrics_exact_workload(tmp_path: Path, store: FileStore):
         assert value(parsed, "lazyfs_store_errors_total", tier="store", kind=kind) == number, kind
     assert value(parsed, "lazyfs_verification_failures_total", tier="store") == 1
     assert value(parsed, "lazyfs_verification_failures_total", tier="disk") == 0
-    # Four indexes and four chunk objects; the corrupt chunk's object was read fine.
-    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 8
+    # Four indexes, four chunk objects and four boot trace lookups, one per
+    # image; the corrupt chunk's object was read fine, and no image has a trace.
+    assert value(parsed, "lazyfs_store_requests_total", operation="get") == 12
     assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="ok") == 7
-    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="not_found") == 1
+    assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="not_found") == 5
     assert ("lazyfs_store_retries_total", (("operation", "get"),)) not in parsed
     assert value(parsed, "lazyfs_index_fetches_total") == 4
     assert value(parsed, "lazyfs_images_attached") == 4
@@ -478,10 +485,11 @@ def test_daemon_metrics_count_store_retries(tmp_path: Path, s3_server, s3_bucket
     s3_store.close()
     port = free_port()
     upstream_port = urllib.parse.urlsplit(s3_server.endpoint_url).port
-    # The index passes; the chunk fails twice, then passes.
+    # The index passes; the chunk fails twice, then passes. Boot traces are
+    # off, because their lookup would take a place in this sequence.
     with FaultProxy(LOOPBACK, upstream_port, ["pass", "503", "slowdown"]) as proxy:
         with running_daemon(directory=tmp_path, store_url=f"s3://{s3_bucket}/lazyfs",
-                            s3_endpoint_url=proxy.endpoint_url,
+                            s3_endpoint_url=proxy.endpoint_url, trace_replay=False,
                             metrics_address=f"{LOOPBACK}:{port}") as daemon:
             assert (daemon.image(digest) / "file.bin").read_bytes() == b"r" * 100
             parsed = samples(scrape(port).read().decode())

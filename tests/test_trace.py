@@ -326,3 +326,92 @@ def test_corrupt_trace_ignored_and_replaced(image, s3_server, tmp_path):
     assert "checksum does not match" in invalid[0]
     assert response == {"index": image.digest, "saved": True, "chunks": 1, "state": "saved"}
     assert decode_trace(image.trace(), image.digest) == image.chunks["f1"]
+
+
+# ---------------------------------------------------------------------------
+# The local trace cache beside the disk tier
+
+
+def trace_gets(proxy: FaultProxy) -> int:
+    return sum(1 for method, path, _action in proxy.requests if method == "GET" and "/traces/" in path)
+
+
+def test_loaded_trace_cached_and_restart_makes_no_store_request(image, s3_server, tmp_path):
+    order = image.chunks["f2"] + image.chunks["big"]
+    stored = encode_trace(image.digest, order)
+    image.store.put(trace_key(image.digest), stored)
+    port = urllib.parse.urlsplit(s3_server.endpoint_url).port
+    cached = tmp_path / "cache" / "traces" / image.digest
+
+    with FaultProxy("127.0.0.1", port) as proxy:
+        with start(image, tmp_path, proxy.endpoint_url, trace_record=False) as first:
+            ControlClient(first.control_socket).image(image.digest)
+            ControlClient(first.control_socket).request({"op": "sync"})
+            first_status = first.status()
+        first_trace_gets = trace_gets(proxy)
+        assert cached.read_bytes() == stored
+        assert stat.S_IMODE(cached.parent.stat().st_mode) == 0o700
+
+        requests_before = len(proxy.requests)
+        with start(image, tmp_path, proxy.endpoint_url, trace_record=False) as restarted:
+            ControlClient(restarted.control_socket).image(image.digest)
+            ControlClient(restarted.control_socket).request({"op": "sync"})
+            restarted_status = restarted.status()
+        restart_requests = proxy.requests[requests_before:]
+
+    assert first_trace_gets == 1
+    assert first_status["traces"][image.digest]["state"] == "replayed"
+    assert len(order) > 2
+    assert first_status["tiers"]["store"]["requests"] == len(order)
+    # The restart reads the trace and the index from local copies and every
+    # replayed chunk from the LMDB tier.
+    assert restart_requests == []
+    assert restarted_status["store_requests"] == {}
+    trace_status = restarted_status["traces"][image.digest]
+    assert trace_status["state"] == "replayed"
+    assert trace_status["trace_chunks"] == len(order)
+    assert trace_status["replay_cached"] == len(order)
+    assert restarted_status["tiers"]["disk"]["hits"] == len(order)
+
+
+def test_saved_trace_cached_with_its_exact_bytes(image, s3_server, tmp_path):
+    with start(image, tmp_path, s3_server.endpoint_url) as daemon:
+        for name in ("f5", "f0"):
+            assert read(daemon, image, name) == image.files[name]
+        response = ControlClient(daemon.control_socket).request({"op": "trace_save", "index": image.digest})
+
+    assert response == {"index": image.digest, "saved": True, "chunks": 2, "state": "saved"}
+    assert (tmp_path / "cache" / "traces" / image.digest).read_bytes() == image.trace()
+    assert decode_trace(image.trace(), image.digest) == image.chunks["f5"] + image.chunks["f0"]
+
+
+def test_invalid_cached_trace_removed_and_loaded_from_store(image, s3_server, tmp_path):
+    stored = encode_trace(image.digest, image.chunks["f1"])
+    image.store.put(trace_key(image.digest), stored)
+    cache_dir = tmp_path / "cache" / "traces"
+    cache_dir.mkdir(parents=True)
+    (cache_dir / image.digest).write_bytes(stored[:-1] + bytes([stored[-1] ^ 1]))
+
+    with start(image, tmp_path, s3_server.endpoint_url, trace_record=False) as daemon:
+        ControlClient(daemon.control_socket).image(image.digest)
+        ControlClient(daemon.control_socket).request({"op": "sync"})
+        status = daemon.status()
+        log_text = daemon.log_text()
+
+    assert f"cached boot trace {cache_dir / image.digest} is invalid (traces/{image.digest}: checksum " \
+           "does not match); removing it and loading it from the store" in log_text
+    assert (cache_dir / image.digest).read_bytes() == stored
+    assert status["traces"][image.digest]["state"] == "replayed"
+    assert status["traces"][image.digest]["trace_chunks"] == 1
+    assert status["store_results"]["get"] == {"ok": 3}
+
+
+def test_missing_trace_not_cached(image, s3_server, tmp_path):
+    with start(image, tmp_path, s3_server.endpoint_url, trace_record=False) as daemon:
+        ControlClient(daemon.control_socket).image(image.digest)
+        ControlClient(daemon.control_socket).request({"op": "sync"})
+        status = daemon.status()
+
+    assert status["traces"][image.digest]["state"] == "none"
+    assert status["store_results"]["get"] == {"ok": 1, "not_found": 1}
+    assert not (tmp_path / "cache" / "traces").exists()
