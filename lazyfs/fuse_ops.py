@@ -124,14 +124,14 @@ class Operations(pyfuse3.Operations):
         self.error_log = RateLimitedLog(log, ERROR_LOG_INTERVAL_S)
         self.metrics = metrics
 
-    def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
+    def _entry(self, attributes: Attributes, timeout_s: float | None = None) -> pyfuse3.EntryAttributes:
+        """Return the reply for one inode; ``timeout_s`` None picks its cache timeout from the inode."""
+        if timeout_s is None:
+            timeout_s = self._cache_timeout(attributes.st_ino)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attributes.st_ino
         entry.generation = 0
-        if self.tree.is_image_inode(attributes.st_ino):
-            entry.entry_timeout = entry.attr_timeout = IMAGE_CACHE_TIMEOUT_S
-        else:
-            entry.entry_timeout = entry.attr_timeout = SHORT_CACHE_TIMEOUT_S
+        entry.entry_timeout = entry.attr_timeout = timeout_s
         entry.st_mode = attributes.st_mode
         entry.st_nlink = attributes.st_nlink
         entry.st_uid = attributes.st_uid
@@ -142,6 +142,9 @@ class Operations(pyfuse3.Operations):
         entry.st_blocks = attributes.st_blocks
         entry.st_atime_ns = entry.st_ctime_ns = entry.st_mtime_ns = attributes.st_mtime_ns
         return entry
+
+    def _cache_timeout(self, inode: int) -> float:
+        return IMAGE_CACHE_TIMEOUT_S if self.tree.is_image_inode(inode) else SHORT_CACHE_TIMEOUT_S
 
     # -- reading the namespace ---------------------------------------------
 
@@ -175,8 +178,10 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def readdir(self, fh, start_id, token):
+        # Every entry of a directory inside an image is inside the image too.
+        timeout_s = IMAGE_CACHE_TIMEOUT_S if self.tree.is_image_inode(fh) else None
         for next_id, name, inode in self.tree.entries(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(self.tree.getattr(inode)), next_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(self.tree.getattr(inode), timeout_s), next_id):
                 return
 
     @_translate_errors

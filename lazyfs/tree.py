@@ -65,7 +65,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import trio
 
@@ -111,9 +111,11 @@ MAX_WAITING_PREFETCHES = 64
 MAX_READ_STREAMS = 4096
 
 
-@dataclass(frozen=True)
-class Attributes:
-    """Attributes of one inode as stat(2) reports them; atime and ctime equal mtime."""
+class Attributes(NamedTuple):
+    """Attributes of one inode as stat(2) reports them; atime and ctime equal mtime.
+
+    A named tuple, because every lookup, getattr and readdir entry builds one.
+    """
 
     st_ino: int
     st_mode: int
@@ -182,11 +184,11 @@ class View:
     image: Image
     shift: IdShift | None
     base: int
+    # First global inode number after this view's range; set from the index.
+    end: int = field(init=False)
 
-    @property
-    def end(self) -> int:
-        """First global inode number after this view's range."""
-        return self.base + self.image.index.inode_count
+    def __post_init__(self) -> None:
+        self.end = self.base + self.image.index.inode_count
 
     @property
     def path(self) -> str:
@@ -505,10 +507,11 @@ class Tree:
             return self._directory_attributes(SHIFTED_INODE, 2 + len(self._shift_directories),
                                               self._shifted_changed_ns)
         allocation = self._allocation(inode)
+        if isinstance(allocation, View):
+            return _attributes(inode, allocation.image.index.inode(inode - allocation.base), allocation.shift)
         if isinstance(allocation, _ShiftDirectory):
             return self._directory_attributes(inode, 2 + len(allocation.views), allocation.changed_ns)
-        view, local = self._locate(inode)
-        return _attributes(inode, view.image.index.inode(local), view.shift)
+        raise _not_found(f"no image inode {inode}")
 
     def _directory_attributes(self, inode: int, nlink: int, mtime_ns: int) -> Attributes:
         return Attributes(st_ino=inode, st_mode=stat.S_IFDIR | 0o755, st_nlink=nlink, st_uid=0,
