@@ -8,20 +8,22 @@ writes the image's boot trace (``lazyfs.prefetch``): a daemon with
 ``trace_record`` runs the workload once through ``lazyfs-run``, which ends the
 recording when the command exits. The states, each measured ``--runs`` times:
 
-- lazyfs cold: a new daemon with empty RAM and LMDB tiers and boot traces
-  off, page cache dropped. The time is the wall clock of the whole
-  ``lazyfs-run`` process; the daemon start is measured separately.
-- lazyfs cold, 20 ms store RTT: the same through a ``LatencyProxy`` that adds
-  20 ms of round-trip time between the daemon and the S3 server (this kernel
-  has no netem queueing discipline).
-- lazyfs cold with trace, 20 ms store RTT: the same with ``trace_replay`` on.
-- lazyfs 8 cold boots at once: a new daemon with empty tiers and eight
-  ``lazyfs-run`` processes started together. The time runs until the last one
-  ended, and the counters cover all eight.
-- lazyfs cold with trace: like cold, with ``trace_replay`` on, so the daemon
-  prefetches the trace's chunks in the background from the attach on.
-- lazyfs warm disk: the daemon restarted over the LMDB tier that the cold
-  run with trace filled, so the RAM tier is empty, and the page cache dropped.
+- lazyfs cold: a new daemon at its defaults, so with ``trace_replay`` on,
+  with empty RAM and LMDB tiers, page cache dropped: the daemon prefetches the
+  trace's chunks in the background from the attach on. The time is the wall
+  clock of the whole ``lazyfs-run`` process; the daemon start is measured
+  separately.
+- lazyfs cold, first boot: the same with boot traces off, as for an image
+  whose trace nobody has recorded yet.
+- lazyfs cold, 20 ms store RTT, and the same on first boot: through a
+  ``LatencyProxy`` that adds 20 ms of round-trip time between the daemon and
+  the S3 server (this kernel has no netem queueing discipline).
+- lazyfs 8 cold boots at once: a new daemon at its defaults with empty tiers
+  and eight ``lazyfs-run`` processes started together. The time runs until the
+  last one ended, and the counters cover all eight.
+- lazyfs warm disk: a daemon at its defaults restarted over the LMDB tier that
+  the cold run filled, so the RAM tier is empty, and the page cache dropped.
+  Its trace replay prefetches from the LMDB tier into RAM.
 - lazyfs hot: the warm run's daemon again, with its RAM tier and the page
   cache still filled.
 - pull + unpack: ``skopeo copy`` from the registry into a new OCI layout,
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -63,6 +66,7 @@ from lazyfs.notebook.imageuser import resolve_user
 from lazyfs.notebook.runtime_spec import merge_env, runtime_spec
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.latencyproxy import LatencyProxy
+from tests.support.net import free_port
 from tests.support.registry import Registry
 from tests.support.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, MotoServer
 
@@ -76,13 +80,13 @@ log = logging.getLogger(__name__)
 STEP_TIMEOUT_S = 600.0
 
 COLD = "lazyfs cold"
-TRACED = "lazyfs cold with trace"
+FIRST = "lazyfs cold, first boot"
 WARM = "lazyfs warm disk"
 HOT = "lazyfs hot"
 COLD_RTT = "lazyfs cold, 20 ms store RTT"
-TRACED_RTT = "lazyfs cold with trace, 20 ms store RTT"
+FIRST_RTT = "lazyfs cold, first boot, 20 ms store RTT"
 CONCURRENT = "lazyfs 8 cold boots at once"
-LAZYFS_STATES = (COLD, COLD_RTT, TRACED, TRACED_RTT, WARM, HOT)
+LAZYFS_STATES = (COLD, FIRST, COLD_RTT, FIRST_RTT, WARM, HOT)
 # Round-trip time the latency proxy adds between the daemon and the store.
 STORE_RTT_S = 0.020
 CONCURRENT_BOOTS = 8
@@ -102,10 +106,11 @@ RUN_PARTS = {
     "run": "overlay, runc and the workload",
 }
 
-# Daemon settings of the states; the other settings are the daemon's defaults.
+# Daemon settings of the states; the other settings are the daemon's defaults,
+# which replay boot traces and record none.
+DEFAULTS: dict[str, bool] = {}
 TRACES_OFF = {"trace_record": False, "trace_replay": False}
 RECORDING = {"trace_record": True, "trace_replay": False}
-REPLAYING = {"trace_record": False, "trace_replay": True}
 
 
 @dataclass(frozen=True)
@@ -326,11 +331,46 @@ def record_trace(benchmark: BootBenchmark, store: Store, image: IndexedImage, wo
 @contextmanager
 def timed_daemon(store: Store, directory: Path, disk_cache: Path,
                  traces: dict[str, bool]) -> Iterator[tuple[DaemonProcess, float]]:
-    """Run a lazyfs daemon for the block and yield it with the seconds until its mount served."""
+    """Run a lazyfs daemon for the block and yield it with the seconds until its mount served.
+
+    Its Prometheus endpoint is on, because only the metrics count FUSE requests.
+    """
     started = time.perf_counter()
     with running_daemon(directory=directory, store_url=store.url, s3_endpoint_url=store.endpoint_url,
-                        disk_cache_path=str(disk_cache), log_level="info", **traces) as daemon:
+                        disk_cache_path=str(disk_cache), log_level="info",
+                        metrics_address=f"127.0.0.1:{free_port()}", **traces) as daemon:
         yield daemon, time.perf_counter() - started
+
+
+def fuse_requests(daemon: DaemonProcess) -> int:
+    """Return the FUSE requests the daemon has handled, from its Prometheus endpoint."""
+    url = f"http://{daemon.config.metrics_address}/metrics"
+    # A plain opener: proxy variables must not send a loopback request elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=STEP_TIMEOUT_S) as response:
+        text = response.read().decode()
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("lazyfs_fuse_operations_total{")))
+
+
+def process_cpu_ms(pid: int) -> int:
+    """Return the user and system CPU time of a process, in milliseconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_ms() -> int:
+    """Return the CPU time all cores spent neither idle nor waiting for I/O, in milliseconds."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) * 1000 // os.sysconf("SC_CLK_TCK")
+
+
+def daemon_counters(daemon: DaemonProcess, digest: str) -> dict[str, int]:
+    """Return the counters the report lists: the daemon's for one image, its CPU and the machine's."""
+    return {**lazyfs_counters(daemon.status(), digest),
+            "FUSE requests": fuse_requests(daemon),
+            "daemon CPU time (ms)": process_cpu_ms(daemon.process.pid),
+            "CPU time of the whole machine (ms)": machine_cpu_ms()}
 
 
 def lazyfs_counters(status: dict, digest: str) -> dict[str, int]:
@@ -355,18 +395,20 @@ def measure_lazyfs_run(benchmark: BootBenchmark, state: str, daemon: DaemonProce
                        work: Path, measurements: Measurements) -> None:
     """Time one ``lazyfs-run`` of the workload and record its timings and the daemon's counters.
 
-    The counters are read after a ``sync`` request, so a trace replay that
-    outlasts the workload is counted in full.
+    FUSE requests and CPU times are read when ``lazyfs-run`` exits; the other
+    counters after a ``sync`` request, so a trace replay that outlasts the
+    workload is counted in full.
     """
     if daemon.process.poll() is not None:
         raise BenchmarkError(f"{state}: the lazyfs daemon exited with status {daemon.process.returncode}. "
                              f"The end of its log:\n{daemon.log_text()[-3000:]}")
     stats_path = work / f"stats-{secrets.token_hex(4)}.json"
     command = lazyfs_run_command(benchmark, daemon, image, work, stats_path)
-    before = lazyfs_counters(daemon.status(), image.digest)
+    before = daemon_counters(daemon, image.digest)
     wall_s, result = timed_step(f"lazyfs-run ({state})", command)
+    after = daemon_counters(daemon, image.digest)
     daemon_client(daemon).request({"op": "sync"})
-    after = lazyfs_counters(daemon.status(), image.digest)
+    after.update(lazyfs_counters(daemon.status(), image.digest))
     check_workload_output(benchmark, f"lazyfs-run ({state})", result)
 
     seconds = json.loads(stats_path.read_text())["seconds"]
@@ -397,7 +439,7 @@ def measure_concurrent_runs(benchmark: BootBenchmark, daemon: DaemonProcess, ima
     The counters cover all the runs together, so the chunk requests equal
     those of one cold boot when every chunk is fetched once.
     """
-    before = lazyfs_counters(daemon.status(), image.digest)
+    before = daemon_counters(daemon, image.digest)
     started = time.perf_counter()
     processes = []
     for number in range(CONCURRENT_BOOTS):
@@ -408,8 +450,9 @@ def measure_concurrent_runs(benchmark: BootBenchmark, daemon: DaemonProcess, ima
         stdout, stderr = process.communicate(timeout=STEP_TIMEOUT_S)
         results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     wall_s = time.perf_counter() - started
+    after = daemon_counters(daemon, image.digest)
     daemon_client(daemon).request({"op": "sync"})
-    after = lazyfs_counters(daemon.status(), image.digest)
+    after.update(lazyfs_counters(daemon.status(), image.digest))
     for number, result in enumerate(results):
         if result.returncode != 0:
             raise BenchmarkError(f"lazyfs-run ({CONCURRENT}, run {number}) failed with exit code "
@@ -429,35 +472,35 @@ def daemon_client(daemon: DaemonProcess):
 
 def measure_lazyfs_round(benchmark: BootBenchmark, store: Store, image: IndexedImage, work: Path,
                          measurements: Measurements) -> None:
-    """Measure cold, cold with trace, warm disk and hot, the last two on the tiers the traced run left."""
-    with timed_daemon(store, work / "cold-daemon", work / "cold-lmdb", TRACES_OFF) as (daemon, start_s):
+    """Measure every lazyfs state once; warm disk and hot run on the tiers that the cold run left."""
+    with timed_daemon(store, work / "first-daemon", work / "first-lmdb", TRACES_OFF) as (daemon, start_s):
         measurements.seconds[DAEMON_START].append(start_s)
         drop_page_cache()
-        measure_lazyfs_run(benchmark, COLD, daemon, image, work, measurements)
-    remove_tree(work / "cold-lmdb")
+        measure_lazyfs_run(benchmark, FIRST, daemon, image, work, measurements)
+    remove_tree(work / "first-lmdb")
 
     host, port = store.endpoint_url.removeprefix("http://").rsplit(":", 1)
     with LatencyProxy(host, int(port), round_trip_s=STORE_RTT_S) as proxy:
         delayed = Store(store.url, proxy.endpoint_url)
-        for state, traces in ((COLD_RTT, TRACES_OFF), (TRACED_RTT, REPLAYING)):
+        for state, traces in ((FIRST_RTT, TRACES_OFF), (COLD_RTT, DEFAULTS)):
             with timed_daemon(delayed, work / "rtt-daemon", work / "rtt-lmdb", traces) as (daemon, _s):
                 drop_page_cache()
                 measure_lazyfs_run(benchmark, state, daemon, image, work, measurements)
             remove_tree(work / "rtt-lmdb")
             remove_tree(work / "rtt-daemon")
 
-    with timed_daemon(store, work / "concurrent-daemon", work / "concurrent-lmdb", TRACES_OFF) as (daemon, _s):
+    with timed_daemon(store, work / "concurrent-daemon", work / "concurrent-lmdb", DEFAULTS) as (daemon, _s):
         drop_page_cache()
         measure_concurrent_runs(benchmark, daemon, image, work, measurements)
     remove_tree(work / "concurrent-lmdb")
 
     disk_cache = work / "lmdb"
-    with timed_daemon(store, work / "traced-daemon", disk_cache, REPLAYING) as (daemon, start_s):
+    with timed_daemon(store, work / "cold-daemon", disk_cache, DEFAULTS) as (daemon, start_s):
         measurements.seconds[DAEMON_START].append(start_s)
         drop_page_cache()
-        measure_lazyfs_run(benchmark, TRACED, daemon, image, work, measurements)
+        measure_lazyfs_run(benchmark, COLD, daemon, image, work, measurements)
 
-    with timed_daemon(store, work / "warm-daemon", disk_cache, TRACES_OFF) as (daemon, start_s):
+    with timed_daemon(store, work / "warm-daemon", disk_cache, DEFAULTS) as (daemon, start_s):
         measurements.seconds[DAEMON_RESTART].append(start_s)
         drop_page_cache()
         measure_lazyfs_run(benchmark, WARM, daemon, image, work, measurements)
@@ -604,15 +647,15 @@ def ratio_lines(image: IndexedImage, measurements: Measurements) -> list[str]:
     seconds = {row: statistics.median(values) for row, values in measurements.seconds.items()}
     cold = {name: statistics.median(values) for name, values in measurements.counters[COLD].items()}
     ratios = [
-        ("lazyfs cold with trace / lazyfs cold", seconds[TRACED] / seconds[COLD]),
         ("lazyfs cold / pull + unpack total", seconds[COLD] / seconds[PULL_TOTAL]),
-        ("lazyfs cold with 20 ms store RTT / pull + unpack total", seconds[COLD_RTT] / seconds[PULL_TOTAL]),
-        ("lazyfs cold with trace and 20 ms store RTT / pull + unpack total",
-         seconds[TRACED_RTT] / seconds[PULL_TOTAL]),
+        ("lazyfs cold, first boot / pull + unpack total", seconds[FIRST] / seconds[PULL_TOTAL]),
+        ("lazyfs cold / lazyfs cold, first boot", seconds[COLD] / seconds[FIRST]),
+        ("lazyfs cold, 20 ms store RTT / pull + unpack total", seconds[COLD_RTT] / seconds[PULL_TOTAL]),
+        ("lazyfs cold, first boot, 20 ms store RTT / pull + unpack total",
+         seconds[FIRST_RTT] / seconds[PULL_TOTAL]),
         (f"{CONCURRENT}, until the last ended / lazyfs cold", seconds[CONCURRENT] / seconds[COLD]),
         (f"{CONCURRENT}: chunk requests / one cold boot's",
          statistics.median(measurements.counters[CONCURRENT]["chunk requests"]) / max(cold["chunk requests"], 1)),
-        ("lazyfs cold with trace / pull + unpack total", seconds[TRACED] / seconds[PULL_TOTAL]),
         ("lazyfs warm disk / local", seconds[WARM] / seconds[LOCAL]),
         ("lazyfs hot / local", seconds[HOT] / seconds[LOCAL]),
         ("cold fetched, compressed / compressed layers", cold["fetched bytes, compressed"] / image.layer_bytes),
@@ -654,14 +697,16 @@ def format_report(benchmark: BootBenchmark, image: IndexedImage, measurements: M
         f"Workload: `python3 -c \"{benchmark.program}\"` in a runc container, {runs} runs per state, "
         f"the states taking turns. Registry, moto S3, daemon and containers all on 127.0.0.1.",
         "",
-        "Cold: new daemon, empty RAM and LMDB tiers, boot traces off, page cache dropped. Cold with "
-        "trace: the same with `trace_replay = true`, the image's boot trace in the store. Warm disk: "
-        "daemon restarted over the LMDB tier of the cold run with trace, page cache dropped. Hot: the "
-        "same daemon again, nothing dropped. Pull + unpack: `skopeo copy` into a new OCI layout, "
+        "Cold: new daemon at its defaults, so with `trace_replay = true` and the image's boot trace in "
+        "the store, empty RAM and LMDB tiers, page cache dropped. Cold, first boot: the same with boot "
+        "traces off, as for an image that has no trace yet. Warm disk: daemon at its defaults restarted "
+        "over the LMDB tier of the cold run, page cache dropped. Hot: the same daemon again, nothing "
+        "dropped. Pull + unpack: `skopeo copy` into a new OCI layout, "
         "`umoci unpack`, `runc run`, page cache dropped first, so only its run step finds the files "
         "that umoci has just written in the page cache. Local: `runc run` on that unpacked rootfs, "
-        "page cache dropped. Counters are read after a `sync` request, so a replay that outlasts the "
-        "workload is counted in full.",
+        "page cache dropped. FUSE requests and CPU times cover the run of `lazyfs-run` alone; the other "
+        "counters are read after a `sync` request, so a replay that outlasts the workload is counted in "
+        "full. The CPU time of the whole machine includes the workload, runc, moto and the daemon.",
         "",
         *image_lines(benchmark, image),
         "",
@@ -690,7 +735,7 @@ def parse_args(benchmark: BootBenchmark, argv: list[str] | None) -> argparse.Nam
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{benchmark.name}",
         description=f"Time `python3 -c` imports in a runc container from {benchmark.image_description}: "
-                    "lazyfs cold, cold with trace, warm disk and hot against skopeo pull + umoci unpack "
+                    "lazyfs cold, cold first boot, warm disk and hot against skopeo pull + umoci unpack "
                     "and an unpacked local rootfs. Needs root.")
     parser.add_argument("--runs", type=positive_int, default=benchmark.default_runs, metavar="N",
                         help="measured runs per state (default: %(default)s)")
