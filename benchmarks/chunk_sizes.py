@@ -31,9 +31,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.chunker import ChunkingParams
-from indexer.pipeline import IndexOptions, index_image
-from indexer.source import open_source
+from lazyfs.indexer.chunker import ChunkingParams
+from lazyfs.indexer.pipeline import IndexOptions, index_image
+from lazyfs.indexer.source import open_source
 from lazyfs.store import StoreOptions, open_store
 from tests.support.s3server import MotoServer
 
