@@ -54,7 +54,7 @@ class DaemonConfig:
     mountpoint: str = "/run/lazyfs/mnt"
     ram_cache_bytes: int = 512 * MiB
     disk_cache_path: str = "/var/cache/lazyfs"
-    # 0 turns the disk tier off.
+    # Compressed chunk bytes in the disk tier; 0 turns it off.
     disk_cache_bytes: int = 10 * GiB
     # LMDB map size; None means lazyfs.lmdb_tier.default_map_size(disk_cache_bytes).
     disk_cache_map_bytes: int | None = None

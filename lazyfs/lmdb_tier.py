@@ -2,8 +2,11 @@
 
 Key layout, four named databases in the environment at ``path``::
 
-    chunks  address (32 bytes) -> checksum (8 bytes) + uncompressed chunk bytes
-            checksum = XXH3-64, big-endian, of the address followed by the chunk
+    chunks  address (32 bytes) -> checksum (8 bytes) + stored chunk object
+            the object as the store holds it (``lazyfs.chunk``: a codec byte,
+            then a zstd frame or the raw bytes), so a chunk takes its
+            compressed size on disk; reads decompress it
+            checksum = XXH3-64, big-endian, of the address followed by the object
     ticks   address -> tick of the entry's last recorded use (u64 big-endian)
     lru     tick (u64 big-endian) + address -> size of the chunks value (u64 big-endian)
             LMDB keeps keys sorted, so a cursor walks entries oldest first
@@ -17,8 +20,8 @@ next write transaction (a put, or a flush after TOUCH_BATCH reads) moves those
 entries to its tick. Reads not yet flushed do not count, and entries moved in
 the same transaction leave in address order.
 
-Budget: ``capacity_bytes`` bounds the sum of the chunks values (chunk bytes plus
-8 bytes each). A put that would exceed it first evicts the oldest entries until
+Budget: ``capacity_bytes`` bounds the sum of the chunks values (stored objects
+plus 8 bytes each). A put that would exceed it first evicts the oldest entries until
 the usage is at most LOW_WATER_FRACTION of the budget, so eviction runs in
 batches and not on every put. LMDB needs more room than the values for its
 B-tree pages and copy-on-write, so the map is larger than the budget
@@ -36,9 +39,11 @@ logged once as a warning with the bytes in use, the budget, the map size and
 the free space. Later ones are counted in ``map_full`` and ``disk_full`` and
 logged at DEBUG.
 
-Integrity: every read recomputes the checksum. An entry that fails it is
-deleted and counted in ``corrupt``, and the read is a miss, so the chain
-refetches the chunk from a store, which verifies it against its SHA-256 address.
+Integrity: every read recomputes the checksum. An entry that fails it, or
+whose object does not decompress, is deleted and counted in ``corrupt``, and
+the read is a miss, so the chain refetches the chunk from a store, which
+verifies it against its SHA-256 address. Fills from a store keep the object
+that the store tier verified; a put of bare chunk bytes compresses them first.
 
 Durability: the environment is opened with ``sync=False, metasync=False``, so
 commits do not wait for fsync. A daemon crash loses nothing, because the
@@ -70,14 +75,15 @@ import lmdb
 import trio
 import xxhash
 
+from . import chunk
+from .errors import IntegrityError
 from .logutil import image_phrase
-from .tiers import Tier
+from .tiers import Chunk, Tier
 
 log = logging.getLogger(__name__)
 
-# TODO: keep chunks in their compressed store form: fills then write, and warm
-# reads read, about 3x fewer bytes on the fat test image.
-FORMAT_VERSION = 1
+# Version 1 kept uncompressed chunks; an environment of it is emptied at open.
+FORMAT_VERSION = 2
 TOUCH_BATCH = 256
 LOW_WATER_FRACTION = 0.9
 MAX_WRITE_ATTEMPTS = 3
@@ -270,44 +276,51 @@ class LmdbTier(Tier):
                 return None
             if len(value) < CHECKSUM_BYTES:
                 return _CORRUPT
-            data = value[CHECKSUM_BYTES:]
-            if bytes(value[:CHECKSUM_BYTES]) != checksum(address, data):
+            stored = value[CHECKSUM_BYTES:]
+            if bytes(value[:CHECKSUM_BYTES]) != checksum(address, stored):
                 return _CORRUPT
-            return bytes(data)
+            try:
+                return chunk.unpack(stored, address)
+            except IntegrityError:
+                return _CORRUPT
 
     # -- writes ------------------------------------------------------------
 
     async def put(self, address: bytes, data: bytes) -> None:
-        if self._closed:
-            raise RuntimeError(f"disk cache {self.path} is closed")
-        if CHECKSUM_BYTES + len(data) > self.capacity_bytes:
-            self.counters["rejected"] += 1
-            return
-        await self._write(lambda txn, tick, counts: self._insert(txn, tick, address, data, counts))
+        await self.fill([(address, Chunk(data))])
 
     async def put_many(self, chunks: list[tuple[bytes, bytes]]) -> None:
         """Store several chunks in one write transaction."""
+        await self.fill([(address, Chunk(data)) for address, data in chunks])
+
+    async def fill(self, chunks: list[tuple[bytes, Chunk]]) -> None:
+        """Store several chunks in one write transaction, as the store's objects where given."""
         if self._closed:
             raise RuntimeError(f"disk cache {self.path} is closed")
+        if any(fetched.stored is None for _address, fetched in chunks):
+            # Bare chunk bytes (not from a store) are compressed like the indexer does.
+            chunks = await trio.to_thread.run_sync(_with_stored_objects, chunks)
         accepted = []
-        for address, data in chunks:
-            if CHECKSUM_BYTES + len(data) > self.capacity_bytes:
+        for address, fetched in chunks:
+            if CHECKSUM_BYTES + len(fetched.stored) > self.capacity_bytes:
                 self.counters["rejected"] += 1
             else:
-                accepted.append((address, data))
+                accepted.append((address, fetched.stored))
         if not accepted:
             return
-
-        def insert_all(txn: lmdb.Transaction, tick: bytes, counts: Counter) -> None:
-            for address, data in accepted:
-                self._insert(txn, tick, address, data, counts)
-
-        if await self._write(insert_all) or len(accepted) == 1:
+        if await self._write(self._insert_all(accepted)) or len(accepted) == 1:
             return
         # LMDB reuses pages freed by eviction only in a later transaction, so
         # a batch can fail where its chunks fit one at a time.
-        for address, data in accepted:
-            await self.put(address, data)
+        for entry in accepted:
+            await self._write(self._insert_all([entry]))
+
+    def _insert_all(self, entries: list[tuple[bytes, bytes]]) -> WriteStep:
+        def insert_all(txn: lmdb.Transaction, tick: bytes, counts: Counter) -> None:
+            for address, stored in entries:
+                self._insert(txn, tick, address, stored, counts)
+
+        return insert_all
 
     async def _write(self, step: WriteStep | None) -> bool:
         """Run ``step`` in a write transaction; return False when it was dropped."""
@@ -369,11 +382,11 @@ class LmdbTier(Tier):
         stats = os.statvfs(self.path)
         return stats.f_bavail * stats.f_frsize
 
-    def _insert(self, txn: lmdb.Transaction, tick: bytes, address: bytes, data: bytes,
+    def _insert(self, txn: lmdb.Transaction, tick: bytes, address: bytes, stored: bytes,
                 counts: Counter) -> None:
         if txn.get(address, db=self._ticks) is not None:
             return
-        value = checksum(address, data) + data
+        value = checksum(address, stored) + stored
         used = self._used(txn)
         if used + len(value) > self.capacity_bytes:
             target = max(0, int(self.capacity_bytes * LOW_WATER_FRACTION) - len(value))
@@ -500,3 +513,8 @@ def _boot_id() -> str:
     """Return the kernel's random id of the current boot."""
     with open(_BOOT_ID_PATH) as boot_id:
         return boot_id.read()
+
+
+def _with_stored_objects(chunks: list[tuple[bytes, Chunk]]) -> list[tuple[bytes, Chunk]]:
+    return [(address, fetched if fetched.stored is not None else Chunk(fetched.data, chunk.encode(fetched.data)))
+            for address, fetched in chunks]

@@ -11,6 +11,8 @@ so timed-out fetches cannot pile up past the bound. Fetches that
 
 The stored object is decoded and checked against its address inside the worker
 thread (``lazyfs.chunk.decode``), so ``get`` returns verified bytes or raises.
+``get_chunk`` returns the stored object too, for the LMDB tier, and a fill of
+this tier (a nearer store) uploads that object as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .errors import IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from .prefetch import in_background
 from .refs import chunk_key
 from .store import Store
-from .tiers import Tier
+from .tiers import Chunk, Tier
 
 
 class StoreTier(Tier):
@@ -57,6 +59,10 @@ class StoreTier(Tier):
         self._background_limiter = trio.CapacityLimiter(background_concurrency)
 
     async def get(self, address: bytes) -> bytes | None:
+        fetched = await self.get_chunk(address)
+        return None if fetched is None else fetched.data
+
+    async def get_chunk(self, address: bytes) -> Chunk | None:
         key = chunk_key(address)
         self.counters["requests"] += 1
         limiter = self._limiter
@@ -65,7 +71,7 @@ class StoreTier(Tier):
             limiter = self._background_limiter
         try:
             with trio.fail_after(self.fetch_timeout_s):
-                stored_bytes, data = await trio.to_thread.run_sync(
+                fetched = await trio.to_thread.run_sync(
                     self._fetch, key, address, limiter=limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
             self.counters["timeouts"] += 1
@@ -84,24 +90,32 @@ class StoreTier(Tier):
         except StoreError:
             self.counters["errors"] += 1
             raise
-        self.counters["bytes"] += stored_bytes
+        self.counters["bytes"] += len(fetched.stored)
         self.counters["hits"] += 1
-        self.counters["bytes_served"] += len(data)
-        return data
+        self.counters["bytes_served"] += len(fetched.data)
+        return fetched
 
-    def _fetch(self, key: str, address: bytes) -> tuple[int, bytes]:
+    def _fetch(self, key: str, address: bytes) -> Chunk:
         stored = self.store.get(key)
-        return len(stored), chunk.decode(stored, address)
+        return Chunk(chunk.decode(stored, address), stored)
 
     async def put(self, address: bytes, data: bytes) -> None:
+        await self._put(address, Chunk(data))
+
+    async def fill(self, chunks: list[tuple[bytes, Chunk]]) -> None:
+        for address, fetched in chunks:
+            await self._put(address, fetched)
+
+    async def _put(self, address: bytes, fetched: Chunk) -> None:
         with trio.fail_after(self.fetch_timeout_s):
             stored_bytes = await trio.to_thread.run_sync(
-                self._encode_and_put, address, data, limiter=self._limiter, abandon_on_cancel=True)
+                self._encode_and_put, address, fetched, limiter=self._limiter, abandon_on_cancel=True)
         self.counters["puts"] += 1
         self.counters["bytes_put"] += stored_bytes
 
-    def _encode_and_put(self, address: bytes, data: bytes) -> int:
-        stored = chunk.encode(data)
+    def _encode_and_put(self, address: bytes, fetched: Chunk) -> int:
+        # A chunk from a farther store goes up as the object that store held.
+        stored = fetched.stored if fetched.stored is not None else chunk.encode(fetched.data)
         self.store.put(chunk_key(address), stored)
         return len(stored)
 

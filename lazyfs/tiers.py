@@ -4,8 +4,11 @@ A tier maps a chunk address (the 32-byte SHA-256 of the uncompressed chunk) to
 the chunk's uncompressed bytes::
 
     await tier.get(address) -> bytes | None   None is a miss
+    await tier.get_chunk(address)             the same as a Chunk, with the store's
+                                              encoded object when the tier has it
     await tier.put(address, data)             data has already been verified
     await tier.put_many([(address, data)])    several puts, at once where the tier can
+    await tier.fill([(address, chunk)])       put_many of Chunks; the chain's fills
     tier.has_room(size) -> bool               whether a put fits without an eviction
     tier.stats() -> dict[str, int]            counters for the control socket
     await tier.aclose()                       flush and release resources
@@ -13,7 +16,9 @@ the chunk's uncompressed bytes::
 The tiers are ``RamTier`` (here), ``LmdbTier`` (``lazyfs.lmdb_tier``) and
 ``StoreTier`` (``lazyfs.store_tier``). Only a store tier receives bytes from
 outside the process, and it verifies them against their address before it
-returns them, so no tier is ever handed unverified bytes.
+returns them, so no tier is ever handed unverified bytes. It also hands the
+chain the encoded object it read (``Chunk.stored``), so that the LMDB tier
+keeps chunks compressed without compressing them again.
 
 ``TierChain`` queries its tiers nearest first. When tier k has the chunk, the chain
 puts it into tiers 0..k-1, so the next read is served nearer. A nearer store is
@@ -79,6 +84,13 @@ DEFAULT_UNAVAILABLE_TTL_S = 2.0
 _FAILURE_SWEEP_ENTRIES = 4096
 
 
+class Chunk(NamedTuple):
+    """Verified chunk bytes, and the store's encoded object (``lazyfs.chunk``) when there is one."""
+
+    data: bytes
+    stored: bytes | None = None
+
+
 class Tier:
     """Interface of one cache level; see the module docstring."""
 
@@ -96,6 +108,11 @@ class Tier:
         """Return the chunk's uncompressed bytes, or None on a miss."""
         raise NotImplementedError
 
+    async def get_chunk(self, address: bytes) -> Chunk | None:
+        """Return the chunk as a Chunk, or None on a miss; only a store tier sets ``stored``."""
+        data = await self.get(address)
+        return None if data is None else Chunk(data)
+
     async def put(self, address: bytes, data: bytes) -> None:
         """Store verified chunk bytes; a tier may decline to keep them."""
         raise NotImplementedError
@@ -104,6 +121,10 @@ class Tier:
         """Store several verified (address, data) chunks; a tier may write them at once."""
         for address, data in chunks:
             await self.put(address, data)
+
+    async def fill(self, chunks: list[tuple[bytes, Chunk]]) -> None:
+        """Store several verified chunks that the chain fetched from a farther tier."""
+        await self.put_many([(address, chunk.data) for address, chunk in chunks])
 
     def has_room(self, size: int) -> bool:
         """Return whether a put of ``size`` bytes would fit without evicting anything."""
@@ -210,7 +231,7 @@ class TierChain:
         self._failures: dict[bytes, tuple[float, Exception]] = {}
         # Chunks queued for a background fill, by address, each with the
         # tiers still to fill; a fetch of a queued address is served from here.
-        self._fill_queue: OrderedDict[bytes, tuple[bytes, list[Tier]]] = OrderedDict()
+        self._fill_queue: OrderedDict[bytes, tuple[Chunk, list[Tier]]] = OrderedDict()
         self._fill_wakeup = trio.Event()
         self._fill_worker_running = False
         self._fills_idle = trio.Event()
@@ -284,13 +305,14 @@ class TierChain:
 
     async def _fetch_through_tiers(self, address: bytes) -> ChunkFetch:
         for position, tier in enumerate(self.tiers):
-            data = self._queued_for(tier, address)
+            chunk = self._queued_for(tier, address)
             # A chunk from the fill queue did not cross the network again.
-            remote = tier.remote and data is None
-            if data is None:
-                data = await self._get_from(tier, address)
-            if data is None:
+            remote = tier.remote and chunk is None
+            if chunk is None:
+                chunk = await self._get_from(tier, address)
+            if chunk is None:
                 continue
+            data = chunk.data
             background = []
             for nearer in self.tiers[:position]:
                 if nearer.fill_in_background:
@@ -301,23 +323,23 @@ class TierChain:
                 else:
                     await self._fill(nearer, address, data)
             if background:
-                self._queue_fill(address, data, background)
+                self._queue_fill(address, chunk, background)
             return ChunkFetch(data, tier.name, remote, False)
         raise ObjectNotFound(chunk_key(address))
 
-    async def _get_from(self, tier: Tier, address: bytes) -> bytes | None:
+    async def _get_from(self, tier: Tier, address: bytes) -> Chunk | None:
         if self.get_observer is None:
-            return await tier.get(address)
+            return await tier.get_chunk(address)
         started = time.perf_counter()
         outcome = "error"
         try:
-            data = await tier.get(address)
-            outcome = "miss" if data is None else "hit"
-            return data
+            chunk = await tier.get_chunk(address)
+            outcome = "miss" if chunk is None else "hit"
+            return chunk
         finally:
             self.get_observer(tier.name, outcome, time.perf_counter() - started)
 
-    def _queued_for(self, tier: Tier, address: bytes) -> bytes | None:
+    def _queued_for(self, tier: Tier, address: bytes) -> Chunk | None:
         """Return the chunk if it waits in the fill queue for ``tier``, else None."""
         queued = self._fill_queue.get(address)
         if queued is None or tier not in queued[1]:
@@ -325,13 +347,13 @@ class TierChain:
         self.counters["fill_queue_hits"] += 1
         return queued[0]
 
-    def _queue_fill(self, address: bytes, data: bytes, tiers: list[Tier]) -> None:
+    def _queue_fill(self, address: bytes, chunk: Chunk, tiers: list[Tier]) -> None:
         if address in self._fill_queue:
             return
         if self._closing or len(self._fill_queue) >= self.fill_queue_size:
             self.counters["fills_dropped"] += 1
             return
-        self._fill_queue[address] = (data, tiers)
+        self._fill_queue[address] = (chunk, tiers)
         self.counters["fills_queued"] += 1
         if self._fills_idle.is_set():
             self._fills_idle = trio.Event()
@@ -374,14 +396,14 @@ class TierChain:
         while self._fill_queue and self._fill_worker_running:
             await self._fills_idle.wait()
 
-    async def _fill_batch(self, batch: list[tuple[bytes, tuple[bytes, list[Tier]]]]) -> None:
-        """Write queued chunks to their tiers, one put_many call per tier."""
+    async def _fill_batch(self, batch: list[tuple[bytes, tuple[Chunk, list[Tier]]]]) -> None:
+        """Write queued chunks to their tiers, one fill call per tier."""
         for tier in self.tiers:
-            chunks = [(address, data) for address, (data, tiers) in batch if tier in tiers]
+            chunks = [(address, chunk) for address, (chunk, tiers) in batch if tier in tiers]
             if not chunks:
                 continue
             try:
-                await tier.put_many(chunks)
+                await tier.fill(chunks)
             except Exception:
                 self.counters["fill_errors"] += len(chunks)
                 _fill_log.log(logging.WARNING, tier.name,

@@ -132,9 +132,10 @@ def test_status_json_and_text(tmp_path: Path, store: FileStore):
                                                "capacity_bytes", "evictions")} == {
         "hits": 1, "misses": 1, "bytes_served": PACKED_CHUNK_BYTES, "entries": 1,
         "used_bytes": PACKED_CHUNK_BYTES, "capacity_bytes": 256 << 20, "evictions": 0}
-    # A disk entry is the chunk plus its 8-byte checksum.
+    # A disk entry is the store's object, here the raw codec byte and the
+    # chunk (too small to compress), plus its 8-byte checksum.
     assert {key: tiers["disk"][key] for key in ("hits", "misses", "entries", "used_bytes", "corrupt")} == {
-        "hits": 0, "misses": 1, "entries": 1, "used_bytes": PACKED_CHUNK_BYTES + 8, "corrupt": 0}
+        "hits": 0, "misses": 1, "entries": 1, "used_bytes": 1 + PACKED_CHUNK_BYTES + 8, "corrupt": 0}
     store_tier = tiers["store"]
     assert {key: store_tier[key] for key in STORE_KEYS - {"bytes"}} == {
         "requests": 1, "hits": 1, "misses": 0, "bytes_served": PACKED_CHUNK_BYTES, "not_found": 0,
@@ -159,7 +160,7 @@ images        1
     read 34 B in 2 reads, fetched 99 B in 1 chunks, 0 read errors
 tier        hits  misses  hit ratio      served  cache or store
   ram          1       1     50.0 %        99 B  99 B of 256.0 MiB, 1 chunks, 0 evicted
-  disk         0       1      0.0 %         0 B  107 B of 256.0 MiB, 1 chunks, 0 evicted, 0 corrupt
+  disk         0       1      0.0 %         0 B  108 B of 256.0 MiB, 1 chunks, 0 evicted, 0 corrupt
   store        1       0    100.0 %        99 B  1 requests, {store_tier['bytes']} B received
 in flight     0 chunk fetches, 0 prefetches, 0 chunks waiting for the disk tier
 store errors  store: 0 not found, 0 failed verification, 0 timed out, 0 other

@@ -26,6 +26,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from lazyfs.chunk import unpack
 from lazyfs.config import DaemonConfig
 from lazyfs.control import ControlClient
 from lazyfs.lmdb_tier import checksum
@@ -313,7 +314,7 @@ def test_corrupt_store_chunk_eio_not_cached(image, tmp_path, replacement):
 
 
 def flip_byte_in_data_file(cache_path: Path, data: bytes) -> None:
-    """Flip one byte of ``data`` where LMDB's data file stores it."""
+    """Flip one byte of ``data`` (an entry's stored object) where LMDB's data file stores it."""
     data_file = cache_path / "chunks" / "data.mdb"
     needle = data[len(data) // 2:len(data) // 2 + 64]
     position = data_file.read_bytes().find(needle)
@@ -327,7 +328,7 @@ def flip_byte_in_data_file(cache_path: Path, data: bytes) -> None:
 
 
 def write_wrong_value(cache_path: Path, address: bytes) -> None:
-    """Replace the entry's chunk bytes through LMDB and keep its old checksum."""
+    """Replace the entry's stored object through LMDB and keep its old checksum."""
     env, chunks_db = lmdb_chunks(cache_path)
     with env.begin(write=True, db=chunks_db) as txn:
         value = txn.get(address)
@@ -350,11 +351,11 @@ def test_corrupt_disk_entry_refetched(image, tmp_path, damage):
         assert daemon.status()["tiers"]["disk"]["puts"] == 1
     env, chunks_db = lmdb_chunks(cache_path)
     with env.begin(db=chunks_db) as txn:
-        chunk_bytes = bytes(txn.get(address))[8:]
+        stored_object = bytes(txn.get(address))[8:]
     env.close()
 
     if damage == "flipped byte in data.mdb":
-        flip_byte_in_data_file(cache_path, chunk_bytes)
+        flip_byte_in_data_file(cache_path, stored_object)
     else:
         write_wrong_value(cache_path, address)
 
@@ -375,8 +376,9 @@ def test_corrupt_disk_entry_refetched(image, tmp_path, damage):
     with env.begin(db=chunks_db) as txn:
         value = bytes(txn.get(address))
     env.close()
+    # The refetched entry is the store's object again, under a valid checksum.
     assert value[:8] == checksum(address, value[8:])
-    assert hashlib.sha256(value[8:]).digest() == address
+    assert hashlib.sha256(unpack(value[8:], address)).digest() == address
 
 
 # ---------------------------------------------------------------------------
@@ -458,10 +460,10 @@ def test_full_lmdb_map_evicts_and_serves(image, tmp_path):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 48 MiB tmpfs, mounted for the test and unmounted after it."""
+    """A 16 MiB tmpfs, a fraction of the test image's compressed chunks, mounted for the test."""
     path = tmp_path / "small"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "lazyfs-test", str(path)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "lazyfs-test", str(path)],
                    check=True)
     try:
         yield path

@@ -14,7 +14,7 @@ import trio.testing
 
 from lazyfs.chunk import address_of, encode
 from lazyfs.errors import IntegrityError, ObjectNotFound, StoreUnavailable
-from lazyfs.lmdb_tier import CHECKSUM_BYTES, OPEN_MARKER, LmdbTier
+from lazyfs.lmdb_tier import CHECKSUM_BYTES, OPEN_MARKER, LmdbTier, checksum
 from lazyfs.refs import chunk_key
 from lazyfs.s3store import S3Store
 from lazyfs.store import FileStore, StoreOptions
@@ -30,6 +30,11 @@ def chunk(seed: int, size: int = 64 << 10) -> tuple[bytes, bytes]:
     """Return (address, data) of a chunk of incompressible bytes."""
     data = deterministic_bytes(seed, size)
     return address_of(data), data
+
+
+def entry_bytes(data: bytes) -> int:
+    """Return the LMDB tier's budget use for a chunk: its stored object plus the checksum."""
+    return CHECKSUM_BYTES + len(encode(data))
 
 
 def store_chunk(store: FileStore, data: bytes) -> bytes:
@@ -521,7 +526,7 @@ async def test_lmdb_survives_restart(tmp_path: Path):
     stats = reopened.stats()
     assert stats["entries"] == 5
     assert stats["used_bytes"] == used
-    assert used == sum(len(data) + CHECKSUM_BYTES for _address, data in chunks)
+    assert used == sum(entry_bytes(data) for _address, data in chunks)
     await reopened.aclose()
 
 
@@ -597,8 +602,8 @@ async def test_lmdb_short_value_dropped(tmp_path: Path):
 
 
 async def test_lmdb_evicts_least_recently_used(tmp_path: Path):
-    disk = LmdbTier(tmp_path / "lmdb", 3 * MiB + 3 * CHECKSUM_BYTES)
     chunks = [chunk(seed, MiB) for seed in range(70, 76)]
+    disk = LmdbTier(tmp_path / "lmdb", 3 * entry_bytes(chunks[0][1]))
     for address, data in chunks[:3]:
         await disk.put(address, data)
     assert await disk.get(chunks[0][0]) == chunks[0][1]
@@ -617,8 +622,8 @@ async def test_lmdb_evicts_least_recently_used(tmp_path: Path):
 
 async def test_lmdb_read_keeps_entry(tmp_path: Path):
     size = 100 << 10
-    disk = LmdbTier(tmp_path / "lmdb", 10 * (size + CHECKSUM_BYTES))
     chunks = [chunk(seed, size) for seed in range(80, 91)]
+    disk = LmdbTier(tmp_path / "lmdb", 10 * entry_bytes(chunks[0][1]))
     for address, data in chunks[:10]:
         await disk.put(address, data)
     assert await disk.get(chunks[0][0]) == chunks[0][1]
@@ -658,7 +663,7 @@ async def test_lmdb_full_map_evicts(tmp_path: Path):
     assert stats["evictions"] >= 1
     assert stats["put_failures"] == 0
     assert await disk.get(chunks[-1][0]) == chunks[-1][1]
-    assert stats["used_bytes"] == stats["entries"] * (300_000 + CHECKSUM_BYTES)
+    assert stats["used_bytes"] == stats["entries"] * entry_bytes(chunks[0][1])
     await disk.aclose()
 
 
@@ -760,3 +765,97 @@ trio.run(main)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "0 0\nb'fresh'\n"
     assert "cannot be opened" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# The LMDB tier keeps chunks in their stored, compressed form
+
+
+def compressible_chunk(seed: int, size: int = 256 << 10) -> tuple[bytes, bytes]:
+    """Return (address, data) of a chunk that zstd shrinks: a short random run repeated."""
+    data = (deterministic_bytes(seed, 4096) * (size // 4096 + 1))[:size]
+    return address_of(data), data
+
+
+def lmdb_value(path: Path, address: bytes) -> bytes:
+    env = lmdb.open(str(path), max_dbs=4, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return bytes(txn.get(address, db=env.open_db(b"chunks", txn=txn, create=False)))
+    finally:
+        env.close()
+
+
+async def test_lmdb_keeps_store_object(tmp_path: Path):
+    chain, store = make_chain(tmp_path)
+    address, data = compressible_chunk(140)
+    assert store_chunk(store, data) == address
+    stored = store.get(chunk_key(address))
+
+    assert await chain.get(address) == data
+    await chain.wait_for_fills()
+    disk = chain.tiers[1]
+    used = disk.stats()["used_bytes"]
+    await chain.aclose()
+
+    assert stored[0] == 1
+    assert len(stored) < len(data) // 10
+    assert used == CHECKSUM_BYTES + len(stored)
+    value = lmdb_value(tmp_path / "lmdb", address)
+    assert value[CHECKSUM_BYTES:] == stored
+    assert value[:CHECKSUM_BYTES] == checksum(address, stored)
+
+    reopened = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    assert await reopened.get(address) == data
+    assert reopened.stats()["bytes_served"] == len(data)
+    await reopened.aclose()
+
+
+async def test_lmdb_put_compresses_chunk(tmp_path: Path):
+    address, data = compressible_chunk(141)
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    await disk.put(address, data)
+
+    assert disk.stats()["used_bytes"] == CHECKSUM_BYTES + len(encode(data))
+    assert disk.stats()["used_bytes"] < len(data) // 10
+    assert await disk.get(address) == data
+    await disk.aclose()
+    assert lmdb_value(tmp_path / "lmdb", address)[CHECKSUM_BYTES:] == encode(data)
+
+
+async def test_lmdb_undecodable_entry_dropped(tmp_path: Path):
+    address, data = compressible_chunk(142)
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    await disk.put(address, data)
+    await disk.aclose()
+    # A truncated zstd frame under a checksum that matches it.
+    broken = encode(data)[:40]
+    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(address, checksum(address, broken) + broken, db=env.open_db(b"chunks", txn=txn))
+    env.close()
+
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    assert await disk.get(address) is None
+    stats = disk.stats()
+    assert stats["corrupt"] == 1
+    assert stats["entries"] == 0
+    await disk.aclose()
+
+
+async def test_lmdb_older_format_emptied(tmp_path: Path):
+    address, data = chunk(143)
+    disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    await disk.put(address, data)
+    await disk.aclose()
+    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"version", (1).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+    env.close()
+
+    reopened = LmdbTier(tmp_path / "lmdb", 64 * MiB)
+    stats = reopened.stats()
+    assert stats["entries"] == 0
+    assert stats["used_bytes"] == 0
+    assert await reopened.get(address) is None
+    await reopened.aclose()
