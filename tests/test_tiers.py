@@ -830,10 +830,7 @@ async def test_lmdb_undecodable_entry_dropped(tmp_path: Path):
     await disk.aclose()
     # A truncated zstd frame under a checksum that matches it.
     broken = encode(data)[:40]
-    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=4)
-    with env.begin(write=True) as txn:
-        txn.put(address, checksum(address, broken) + broken, db=env.open_db(b"chunks", txn=txn))
-    env.close()
+    put_raw(tmp_path / "lmdb", b"chunks", address, checksum(address, broken) + broken)
 
     disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
     assert await disk.get(address) is None
@@ -843,15 +840,22 @@ async def test_lmdb_undecodable_entry_dropped(tmp_path: Path):
     await disk.aclose()
 
 
+def put_raw(path: Path, database: bytes, key: bytes, value: bytes) -> None:
+    """Write one value straight into a named database of the LMDB environment at ``path``."""
+    env = lmdb.open(str(path), max_dbs=4)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(key, value, db=env.open_db(database, txn=txn))
+    finally:
+        env.close()
+
+
 async def test_lmdb_older_format_emptied(tmp_path: Path):
     address, data = chunk(143)
     disk = LmdbTier(tmp_path / "lmdb", 64 * MiB)
     await disk.put(address, data)
     await disk.aclose()
-    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=4)
-    with env.begin(write=True) as txn:
-        txn.put(b"version", (1).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
-    env.close()
+    put_raw(tmp_path / "lmdb", b"meta", b"version", (1).to_bytes(8, "big"))
 
     reopened = LmdbTier(tmp_path / "lmdb", 64 * MiB)
     stats = reopened.stats()
