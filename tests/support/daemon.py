@@ -154,7 +154,10 @@ def start_daemon(config: DaemonConfig, directory: Path) -> DaemonProcess:
 
 
 def _wait_ready(daemon: DaemonProcess, read_fd: int) -> None:
-    readable, _, _ = select.select([read_fd], [], [], READY_TIMEOUT_S)
+    # poll, unlike select, takes descriptors above 1023 too.
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    readable = poller.poll(READY_TIMEOUT_S * 1000)
     message = os.read(read_fd, 64) if readable else None
     if message == b"ready\n":
         return

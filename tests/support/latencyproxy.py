@@ -68,13 +68,30 @@ class LatencyProxy:
             with self._lock:
                 self._sockets += [client, upstream]
                 self.connections += 1
-            self._pipe(client, upstream)
-            self._pipe(upstream, client)
+            # Both sockets close once both directions have ended, so a
+            # long-lived proxy does not pile up finished connections.
+            directions_left = [2]
+            self._pipe(client, upstream, (client, upstream), directions_left)
+            self._pipe(upstream, client, (client, upstream), directions_left)
 
-    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, target: socket.socket, pair: tuple[socket.socket, socket.socket],
+              directions_left: list[int]) -> None:
         pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
         threading.Thread(target=self._read, args=(source, pending), daemon=True).start()
-        threading.Thread(target=self._write, args=(target, pending), daemon=True).start()
+        threading.Thread(target=self._write_then_release, args=(target, pending, pair, directions_left),
+                         daemon=True).start()
+
+    def _write_then_release(self, target: socket.socket, pending: queue.Queue,
+                            pair: tuple[socket.socket, socket.socket], directions_left: list[int]) -> None:
+        self._write(target, pending)
+        with self._lock:
+            directions_left[0] -= 1
+            if directions_left[0] or self._closed.is_set():
+                return
+            for sock in pair:
+                self._sockets.remove(sock)
+        for sock in pair:
+            _close(sock)
 
     def _read(self, source: socket.socket, pending: queue.Queue) -> None:
         while True:
