@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
 from pathlib import Path
 
+from .cachefiles import write_cache_file
 from .errors import LazyfsError, ObjectNotFound
 from .store import Store
 
@@ -178,16 +178,10 @@ def _read_cached_trace(cache_dir: Path, index_digest: str) -> list[bytes] | None
 
 def write_cached_trace(cache_dir: Path, index_digest: str, data: bytes) -> None:
     """Keep a valid trace in ``cache_dir``; a failure is logged, because the cache is optional."""
-    # Written to a temporary name and renamed, so a reader sees all of it or nothing.
-    path = cache_dir / index_digest
-    temporary = path.with_name(f".{index_digest}.{os.getpid()}.tmp")
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
+        write_cache_file(cache_dir, index_digest, data)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        log.warning("cannot cache boot trace %s at %s: %s", index_digest, path, exc.strerror)
+        log.warning("cannot cache boot trace %s at %s: %s", index_digest, cache_dir / index_digest, exc.strerror)
 
 
 def save_trace(store: Store, index_digest: str, addresses: list[bytes]) -> bool:

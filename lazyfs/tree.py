@@ -57,7 +57,6 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import os
 import re
 import stat
 import time
@@ -69,6 +68,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import trio
 
+from .cachefiles import write_cache_file
 from .errors import (ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, ObjectNotFound,
                      StoreError, StoreUnavailable)
 from .idshift import IdShift
@@ -382,18 +382,12 @@ class Tree:
             return None
 
     def _write_cached_index(self, digest: str, data: bytes) -> None:
-        # Written to a temporary name and renamed, so a reader sees all of it or nothing.
         # NOTE: cached indexes are never evicted; they are small next to the
         # chunks, but a node that attaches many images accumulates them.
-        path = self.index_cache_dir / digest
-        temporary = path.with_name(f".{digest}.{os.getpid()}.tmp")
         try:
-            self.index_cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
+            write_cache_file(self.index_cache_dir, digest, data)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            log.warning("cannot cache index %s at %s: %s", digest, path, exc.strerror)
+            log.warning("cannot cache index %s at %s: %s", digest, self.index_cache_dir / digest, exc.strerror)
 
     async def attach_view(self, digest: str, shift: IdShift | None = None) -> View:
         """Return the plain view of an image, or its view shifted by ``shift``, attaching both on first use."""
