@@ -7,7 +7,7 @@ sequential and 4 KiB random reads against squashfuse, ext4 and boto3),
 ``fuse_requests`` (the cost of one FUSE request against a minimal pyfuse3 file
 system). Each one writes its own section of the results file with
 ``--write-results``. The fat image must be built first
-(``python -m tests.support.images fat``). About 12 minutes on 2 cores. Run it
+(``python -m tests.support.images fat``). About 8 minutes on 2 cores. Run it
 from the repository root, as root::
 
     .venv/bin/python -m benchmarks.daemon_speed --write-results
