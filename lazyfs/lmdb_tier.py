@@ -516,5 +516,10 @@ def _boot_id() -> str:
 
 
 def _with_stored_objects(chunks: list[tuple[bytes, Chunk]]) -> list[tuple[bytes, Chunk]]:
-    return [(address, fetched if fetched.stored is not None else Chunk(fetched.data, chunk.encode(fetched.data)))
-            for address, fetched in chunks]
+    """Return the chunks with each missing store object made by ``lazyfs.chunk.encode``."""
+    result = []
+    for address, fetched in chunks:
+        if fetched.stored is None:
+            fetched = Chunk(fetched.data, chunk.encode(fetched.data))
+        result.append((address, fetched))
+    return result

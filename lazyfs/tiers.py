@@ -68,8 +68,9 @@ _fill_log = RateLimitedLog(log)
 
 DEFAULT_FAILURE_TTL_S = 10.0
 
-# Chunks that may wait for a background fill. Chunks are about 1 MiB, so a full
-# queue adds roughly this many MiB to the memory that the tiers use.
+# Chunks that may wait for a background fill. A queued chunk keeps its bytes
+# (about 1 MiB) and the store's object (at most as large), so a full queue adds
+# up to twice this many MiB to the memory that the tiers use.
 DEFAULT_FILL_QUEUE_SIZE = 64
 
 # Queued fills written to one tier in one put_many call, at most.
