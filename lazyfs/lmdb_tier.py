@@ -69,7 +69,7 @@ import os
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import lmdb
 import trio
@@ -101,8 +101,16 @@ OPEN_MARKER = "open-boot-id"
 LOCK_FILE = "owner.lock"
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
-# Marker returned by a read whose entry failed its checksum.
-_CORRUPT = object()
+
+
+class _Corrupt(NamedTuple):
+    """What a read returns for an entry that must be dropped, and why."""
+
+    reason: str
+
+
+class _DamagedMeta(Exception):
+    """A value of the meta database has the wrong length."""
 
 # One step of a write transaction: (transaction, tick, counters) -> None.
 WriteStep = Callable[[lmdb.Transaction, bytes, Counter], None]
@@ -145,7 +153,14 @@ class LmdbTier(Tier):
         self._closed = False
         # Kinds of trouble ("map_full", "disk_full", ...) already logged as a warning.
         self._warned: set[str] = set()
-        self._open_checked()
+        self._lock_file = None
+        try:
+            self._open_checked()
+        except BaseException:
+            # The directory lock dies with the failed tier, not with the process.
+            if self._lock_file is not None:
+                self._lock_file.close()
+            raise
 
     # -- opening -----------------------------------------------------------
 
@@ -156,7 +171,7 @@ class LmdbTier(Tier):
         try:
             self._open_env()
             self._check_format()
-        except lmdb.Error as exc:
+        except (lmdb.Error, _DamagedMeta) as exc:
             log.warning("disk cache %s cannot be opened (%s); removing it and starting empty",
                         self.path, exc)
             self._remove_files()
@@ -225,6 +240,10 @@ class LmdbTier(Tier):
 
     def _check_format(self) -> None:
         with self._env.begin(write=True) as txn:
+            for key in (_META_VERSION, _META_USED, _META_TICK):
+                value = txn.get(key, db=self._meta)
+                if value is not None and len(value) != _U64.size:
+                    raise _DamagedMeta(f"meta value {key.decode()} is {len(value)} bytes, not {_U64.size}")
             version = txn.get(_META_VERSION, db=self._meta)
             if version is not None and _U64.unpack(version)[0] != FORMAT_VERSION:
                 log.warning("disk cache %s has format version %d, not %d; emptying it",
@@ -249,18 +268,9 @@ class LmdbTier(Tier):
         if result is None:
             self.counters["misses"] += 1
             return None
-        if result is _CORRUPT:
-            self.counters["corrupt"] += 1
+        if isinstance(result, _Corrupt):
             self.counters["misses"] += 1
-            log.warning("disk cache entry for chunk %s%s failed its XXH3 check; dropping it",
-                        address.hex(), image_phrase("of"))
-            try:
-                await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
-            except (lmdb.Error, struct.error, ValueError) as exc:
-                # The entry stays, but the refetched chunk overwrites it on fill.
-                self.counters["errors"] += 1
-                log.warning("dropping the corrupt disk cache entry for chunk %s failed: %s",
-                            address.hex(), exc)
+            await self._drop_corrupt(address, result.reason)
             return None
         self.counters["hits"] += 1
         self.counters["bytes_served"] += len(result)
@@ -269,20 +279,34 @@ class LmdbTier(Tier):
             await self._write(None)
         return result
 
-    def _read(self, address: bytes):
+    async def discard(self, address: bytes) -> None:
+        await self._drop_corrupt(address, "is not the chunk the index records")
+
+    async def _drop_corrupt(self, address: bytes, reason: str) -> None:
+        """Count, log and delete an entry that must not be served again."""
+        self.counters["corrupt"] += 1
+        log.warning("disk cache entry for chunk %s%s %s; dropping it", address.hex(), image_phrase("of"), reason)
+        try:
+            await self._write(lambda txn, tick, counts: self._delete(txn, address, counts))
+        except (lmdb.Error, struct.error, ValueError) as exc:
+            # The entry stays, but the refetched chunk overwrites it on fill.
+            self.counters["errors"] += 1
+            log.warning("dropping the corrupt disk cache entry for chunk %s failed: %s", address.hex(), exc)
+
+    def _read(self, address: bytes) -> bytes | _Corrupt | None:
         with self._env.begin(db=self._chunks, buffers=True) as txn:
             value = txn.get(address)
             if value is None:
                 return None
             if len(value) < CHECKSUM_BYTES:
-                return _CORRUPT
+                return _Corrupt("is shorter than its checksum")
             stored = value[CHECKSUM_BYTES:]
             if bytes(value[:CHECKSUM_BYTES]) != checksum(address, stored):
-                return _CORRUPT
+                return _Corrupt("failed its XXH3 check")
             try:
                 return chunk.unpack(stored, address)
-            except IntegrityError:
-                return _CORRUPT
+            except IntegrityError as exc:
+                return _Corrupt(f"passed its XXH3 check but does not decode ({exc})")
 
     # -- writes ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ the chunk's uncompressed bytes::
     await tier.put(address, data)             data has already been verified
     await tier.put_many([(address, data)])    several puts, at once where the tier can
     await tier.fill([(address, chunk)])       put_many of Chunks; the chain's fills
+    await tier.discard(address)               drop a cached chunk a reader found wrong
     tier.has_room(size) -> bool               whether a put fits without an eviction
     tier.stats() -> dict[str, int]            counters for the control socket
     await tier.aclose()                       flush and release resources
@@ -127,6 +128,9 @@ class Tier:
         """Store several verified chunks that the chain fetched from a farther tier."""
         await self.put_many([(address, chunk.data) for address, chunk in chunks])
 
+    async def discard(self, address: bytes) -> None:
+        """Drop a cached chunk that a reader found wrong; only cache tiers keep anything to drop."""
+
     def has_room(self, size: int) -> bool:
         """Return whether a put of ``size`` bytes would fit without evicting anything."""
         return True
@@ -176,6 +180,12 @@ class RamTier(Tier):
         self._entries[address] = data
         self.used_bytes += size
         self.counters["puts"] += 1
+
+    async def discard(self, address: bytes) -> None:
+        data = self._entries.pop(address, None)
+        if data is not None:
+            self.used_bytes -= len(data)
+            self.counters["discarded"] += 1
 
     def has_room(self, size: int) -> bool:
         return self.used_bytes + size <= self.capacity_bytes
@@ -386,6 +396,15 @@ class TierChain:
         finally:
             self._fill_worker_running = False
             self._fills_idle.set()
+
+    async def discard(self, address: bytes) -> None:
+        """Drop a chunk from every tier that caches it, so the next fetch goes to a store.
+
+        For a chunk that a cache tier returned intact by its own checksum but
+        of another length than the index records.
+        """
+        for tier in self.tiers:
+            await tier.discard(address)
 
     async def wait_for_fill_room(self) -> None:
         """Wait until the fill queue has room, so that a prefetch does not outrun the fills."""

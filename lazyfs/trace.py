@@ -39,7 +39,7 @@ import logging
 import struct
 from pathlib import Path
 
-from .cachefiles import write_cache_file
+from .cachefiles import read_cache_file, remove_cache_file, write_cache_file
 from .errors import LazyfsError, ObjectNotFound
 from .store import Store
 
@@ -54,6 +54,8 @@ MAX_TRACE_CHUNKS = 1 << 16
 _HEADER = struct.Struct(">8sHHI32s")
 _ADDRESS_BYTES = 32
 _CHECKSUM_BYTES = 32
+# Length of the largest valid trace; a longer cached file is not read.
+MAX_TRACE_BYTES = _HEADER.size + MAX_TRACE_CHUNKS * _ADDRESS_BYTES + _CHECKSUM_BYTES
 
 
 class TraceFormatError(LazyfsError):
@@ -162,17 +164,18 @@ def load_trace(store: Store, index_digest: str, cache_dir: Path | None = None) -
 def _read_cached_trace(cache_dir: Path, index_digest: str) -> list[bytes] | None:
     path = cache_dir / index_digest
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
+        data = read_cache_file(cache_dir, index_digest, MAX_TRACE_BYTES)
     except OSError as exc:
         log.warning("cannot read cached boot trace %s: %s; loading it from the store", path, exc.strerror)
+        return None
+    if data is None:
         return None
     try:
         return decode_trace(data, index_digest)
     except TraceFormatError as exc:
-        log.warning("cached boot trace %s is invalid (%s); removing it and loading it from the store", path, exc)
-        path.unlink(missing_ok=True)
+        error = remove_cache_file(path)
+        outcome = "removing it and" if error is None else f"removing it failed ({error.strerror}),"
+        log.warning("cached boot trace %s is invalid (%s); %s loading it from the store", path, exc, outcome)
         return None
 
 

@@ -68,11 +68,11 @@ from typing import Callable, Iterator, NamedTuple
 
 import trio
 
-from .cachefiles import write_cache_file
+from .cachefiles import read_cache_file, remove_cache_file, write_cache_file
 from .errors import (ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, ObjectNotFound,
                      StoreError, StoreUnavailable)
 from .idshift import IdShift
-from .index import Index, Inode
+from .index import MAX_BODY_BYTES, Index, Inode
 from .logutil import image_context
 from .refs import index_key
 from .store import Store
@@ -109,6 +109,9 @@ DEFAULT_PREFETCH_CONCURRENCY = 4
 MAX_WAITING_PREFETCHES = 64
 # Files whose read position is tracked; the least recently read is forgotten first.
 MAX_READ_STREAMS = 4096
+# A cached index file longer than this cannot be valid: its body is at most
+# MAX_BODY_BYTES, and zstd adds little even to bytes it cannot compress.
+MAX_CACHED_INDEX_BYTES = MAX_BODY_BYTES + (1 << 20)
 
 
 class Attributes(NamedTuple):
@@ -368,17 +371,18 @@ class Tree:
     def _read_cached_index(self, digest: str) -> tuple[Index, int] | None:
         path = self.index_cache_dir / digest
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
+            data = read_cache_file(self.index_cache_dir, digest, MAX_CACHED_INDEX_BYTES)
         except OSError as exc:
             log.warning("cannot read cached index %s: %s; fetching it again", path, exc.strerror)
+            return None
+        if data is None:
             return None
         try:
             return _parse_index(data, digest)
         except IndexFormatError as exc:
-            log.warning("cached index %s is invalid (%s); removing it and fetching it again", path, exc)
-            path.unlink(missing_ok=True)
+            error = remove_cache_file(path)
+            outcome = "removing it and" if error is None else f"removing it failed ({error.strerror}),"
+            log.warning("cached index %s is invalid (%s); %s fetching it again", path, exc, outcome)
             return None
 
     def _write_cached_index(self, digest: str, data: bytes) -> None:
@@ -760,6 +764,14 @@ class Tree:
         try:
             with image_context(image.digest):
                 fetched = await self.chain.fetch(address)
+                if len(fetched.data) != length and not fetched.remote:
+                    # A cache tier's own checksum passed, but the bytes are not
+                    # the chunk: drop every cached copy and fetch it from a store.
+                    log.warning("cached chunk %s of image %s is %d bytes, but the index records %d; "
+                                "dropping it and fetching it again", address.hex(), image.digest,
+                                len(fetched.data), length)
+                    await self.chain.discard(address)
+                    fetched = await self.chain.fetch(address)
             if len(fetched.data) != length:
                 raise IntegrityError(
                     f"chunk {address.hex()} is {len(fetched.data)} bytes, but the index records {length}")

@@ -20,6 +20,7 @@ from lazyfs.s3store import S3Store
 from lazyfs.store import FileStore, StoreOptions
 from lazyfs.store_tier import StoreTier
 from lazyfs.tiers import RamTier, TierChain
+from tests.support.lmdbfiles import put_raw
 from tests.support.sample_image import deterministic_bytes
 from tests.support.stores import ScriptedStore
 
@@ -838,16 +839,6 @@ async def test_lmdb_undecodable_entry_dropped(tmp_path: Path):
     assert stats["corrupt"] == 1
     assert stats["entries"] == 0
     await disk.aclose()
-
-
-def put_raw(path: Path, database: bytes, key: bytes, value: bytes) -> None:
-    """Write one value straight into a named database of the LMDB environment at ``path``."""
-    env = lmdb.open(str(path), max_dbs=4)
-    try:
-        with env.begin(write=True) as txn:
-            txn.put(key, value, db=env.open_db(database, txn=txn))
-    finally:
-        env.close()
 
 
 async def test_lmdb_older_format_emptied(tmp_path: Path):
