@@ -72,6 +72,20 @@ def test_end_of_stream_passes_through(echo_server):
     assert received == b"last words"
 
 
+def test_finished_connections_closed(echo_server):
+    with LatencyProxy(*echo_server, round_trip_s=ROUND_TRIP_S) as proxy:
+        clients = [socket.create_connection((LOOPBACK, proxy.port)) for _ in range(3)]
+        for number, client in enumerate(clients):
+            assert _exchange(client, b"ping %d" % number) == b"ping %d" % number
+        # Two sockets per connection while the clients keep theirs open.
+        assert proxy.wait_for_open_sockets(6, 10.0)
+        assert not proxy.wait_for_open_sockets(5, 0.0)
+        for client in clients:
+            client.close()
+        assert proxy.wait_for_open_sockets(0, 10.0)
+    assert proxy.connections == 3
+
+
 def test_s3_request_through_proxy_is_delayed(s3_server):
     host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
     with LatencyProxy(host, int(port), round_trip_s=ROUND_TRIP_S) as proxy:

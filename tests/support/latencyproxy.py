@@ -35,11 +35,18 @@ class LatencyProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        # Notified whenever a finished connection's sockets are closed.
+        self._released = threading.Condition(self._lock)
         self.connections = 0
 
     @property
     def endpoint_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def wait_for_open_sockets(self, count: int, timeout_s: float) -> bool:
+        """Wait until at most ``count`` sockets are open; return False if that took over ``timeout_s``."""
+        with self._released:
+            return self._released.wait_for(lambda: len(self._sockets) <= count, timeout_s)
 
     def __enter__(self) -> "LatencyProxy":
         threading.Thread(target=self._accept, name="latency-proxy-accept", daemon=True).start()
@@ -90,8 +97,8 @@ class LatencyProxy:
                 return
             for sock in pair:
                 self._sockets.remove(sock)
-        for sock in pair:
-            _close(sock)
+                _close(sock)
+            self._released.notify_all()
 
     def _read(self, source: socket.socket, pending: queue.Queue) -> None:
         while True:
