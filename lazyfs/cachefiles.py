@@ -12,10 +12,15 @@ planted at a temporary name is never written through.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+Parsed = TypeVar("Parsed")
 
 
 def read_cache_file(directory: Path, name: str, max_bytes: int) -> bytes | None:
@@ -56,10 +61,30 @@ def write_cache_file(directory: Path, name: str, data: bytes) -> None:
         raise
 
 
-def remove_cache_file(path: Path) -> OSError | None:
-    """Remove an invalid cache file; return the error instead of raising it, for the caller's log."""
+def load_cache_file(directory: Path, name: str, max_bytes: int, parse: Callable[[bytes], Parsed],
+                    invalid: type[Exception], log: logging.Logger, kind: str, fallback: str) -> Parsed | None:
+    """Read and parse ``directory/name``; return None when it is missing, unreadable or invalid.
+
+    ``parse`` raises ``invalid`` for bytes that are not a valid object, and
+    such a file is removed. Each failure logs one warning on ``log`` that
+    names the ``kind`` of file and the ``fallback`` the caller takes instead.
+    """
+    path = directory / name
     try:
-        path.unlink(missing_ok=True)
+        data = read_cache_file(directory, name, max_bytes)
     except OSError as exc:
-        return exc
-    return None
+        log.warning("cannot read %s %s: %s; %s", kind, path, exc.strerror, fallback)
+        return None
+    if data is None:
+        return None
+    try:
+        return parse(data)
+    except invalid as exc:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("%s %s is invalid (%s); removing it failed (%s), %s",
+                        kind, path, exc, error.strerror, fallback)
+        else:
+            log.warning("%s %s is invalid (%s); removing it and %s", kind, path, exc, fallback)
+        return None

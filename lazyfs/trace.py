@@ -24,11 +24,11 @@ worst, never wrong bytes.
 store; the daemon runs them in worker threads (``lazyfs.prefetch``).
 
 A daemon with a disk tier keeps each valid trace it loaded or wrote in a
-local cache directory, ``<cache_dir>/<index digest>``, and reads it from there
-on later attaches, so a restart over a filled disk tier makes no store
+local cache directory, ``<cache_dir>/<index digest>``. It reads the trace from
+there on later attaches, so a restart over a filled disk tier makes no store
 request for it. A cached trace stays valid, because ``save_trace`` never
-replaces a valid stored trace (two saves at the same moment can write two
-different valid traces, and either one serves). A missing trace is not
+replaces a valid stored trace. Two saves at the same moment can write two
+different valid traces, and either one serves. A missing trace is not
 cached, so a trace recorded later is found on the next attach.
 """
 
@@ -39,7 +39,7 @@ import logging
 import struct
 from pathlib import Path
 
-from .cachefiles import read_cache_file, remove_cache_file, write_cache_file
+from .cachefiles import load_cache_file, write_cache_file
 from .errors import LazyfsError, ObjectNotFound
 from .store import Store
 
@@ -162,21 +162,8 @@ def load_trace(store: Store, index_digest: str, cache_dir: Path | None = None) -
 
 
 def _read_cached_trace(cache_dir: Path, index_digest: str) -> list[bytes] | None:
-    path = cache_dir / index_digest
-    try:
-        data = read_cache_file(cache_dir, index_digest, MAX_TRACE_BYTES)
-    except OSError as exc:
-        log.warning("cannot read cached boot trace %s: %s; loading it from the store", path, exc.strerror)
-        return None
-    if data is None:
-        return None
-    try:
-        return decode_trace(data, index_digest)
-    except TraceFormatError as exc:
-        error = remove_cache_file(path)
-        outcome = "removing it and" if error is None else f"removing it failed ({error.strerror}),"
-        log.warning("cached boot trace %s is invalid (%s); %s loading it from the store", path, exc, outcome)
-        return None
+    return load_cache_file(cache_dir, index_digest, MAX_TRACE_BYTES, lambda data: decode_trace(data, index_digest),
+                           TraceFormatError, log, "cached boot trace", "loading it from the store")
 
 
 def write_cached_trace(cache_dir: Path, index_digest: str, data: bytes) -> None:

@@ -68,7 +68,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import trio
 
-from .cachefiles import read_cache_file, remove_cache_file, write_cache_file
+from .cachefiles import load_cache_file, write_cache_file
 from .errors import (ChunkReadError, FilesystemError, IndexFormatError, IntegrityError, ObjectNotFound,
                      StoreError, StoreUnavailable)
 from .idshift import IdShift
@@ -369,21 +369,9 @@ class Tree:
         return parsed
 
     def _read_cached_index(self, digest: str) -> tuple[Index, int] | None:
-        path = self.index_cache_dir / digest
-        try:
-            data = read_cache_file(self.index_cache_dir, digest, MAX_CACHED_INDEX_BYTES)
-        except OSError as exc:
-            log.warning("cannot read cached index %s: %s; fetching it again", path, exc.strerror)
-            return None
-        if data is None:
-            return None
-        try:
-            return _parse_index(data, digest)
-        except IndexFormatError as exc:
-            error = remove_cache_file(path)
-            outcome = "removing it and" if error is None else f"removing it failed ({error.strerror}),"
-            log.warning("cached index %s is invalid (%s); %s fetching it again", path, exc, outcome)
-            return None
+        return load_cache_file(self.index_cache_dir, digest, MAX_CACHED_INDEX_BYTES,
+                               lambda data: _parse_index(data, digest), IndexFormatError, log,
+                               "cached index", "fetching it again")
 
     def _write_cached_index(self, digest: str, data: bytes) -> None:
         # NOTE: cached indexes are never evicted; they are small next to the
