@@ -1,8 +1,8 @@
 """A minimal pyfuse3 file system: the per-request floor that pyfuse3 and trio set.
 
 It serves a fixed read-only tree from memory with the same kernel caching as
-lazyfs (entries and attributes for a day, ``keep_cache``, FLUSH answered with
-ENOSYS) and no other work, so ``benchmarks.fuse_requests`` can tell the cost
+lazyfs (entries and attributes for a day, ``keep_cache``, an ENOSYS reply to
+FLUSH) and no other work, so ``benchmarks.fuse_requests`` can tell the cost
 of pyfuse3 and trio from the cost of lazyfs. The tree::
 
     file       FILE_BYTES bytes

@@ -14,7 +14,7 @@ recording when the command exits. The states, each measured ``--runs`` times:
   clock of the whole ``lazyfs-run`` process; the daemon start is measured
   separately.
 - lazyfs cold, first boot: the same with boot traces off, as for an image
-  whose trace nobody has recorded yet.
+  that has no recorded trace yet.
 - lazyfs cold, 20 ms store RTT, and the same on first boot: through a
   ``LatencyProxy`` that adds 20 ms of round-trip time between the daemon and
   the S3 server (this kernel has no netem queueing discipline).

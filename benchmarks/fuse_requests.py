@@ -3,7 +3,7 @@
 The same small tree (``benchmarks.barefs``: a 4 KiB file, a symlink to it and a
 directory of 100 small files) is served three ways: by lazyfs, published as a
 one-image file store and mounted by a daemon at its defaults; by
-``benchmarks.barefs``, a pyfuse3 file system that answers from memory and does
+``benchmarks.barefs``, a pyfuse3 file system that serves from memory and does
 nothing else; and as plain files on the working directory's ext4. Before the
 timed loops every path is read once, so every chunk sits in the RAM tier and
 every entry and attribute in the kernel's caches. Each operation then runs
@@ -12,7 +12,7 @@ operation and, for the FUSE file systems, the daemon's CPU time per FUSE
 request (user and system time of the process, from /proc, divided by the
 requests the loop sent):
 
-- open + close: OPEN and RELEASE (FLUSH is answered ENOSYS once, so the
+- open + close: OPEN and RELEASE (the reply to the first FLUSH is ENOSYS, so the
   kernel stops sending it);
 - getxattr of a missing name: GETXATTR, as overlayfs sends for its
   ``trusted.overlay.*`` names;

@@ -37,7 +37,7 @@ def run_benchmark(name: str, args: argparse.Namespace, section_heading: str,
                   measure: Callable[[Path], Formatter], problem: str | None = None) -> int:
     """Run one benchmark from its parsed arguments; return the exit status.
 
-    ``problem`` says why the benchmark cannot run here (exit status 2). A
+    ``problem`` is the reason the benchmark cannot run here (exit status 2). A
     RuntimeError or LazyfsError from ``measure`` is printed as one line (exit
     status 1).
     """

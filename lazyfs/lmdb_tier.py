@@ -104,7 +104,7 @@ _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
 class _Corrupt(NamedTuple):
-    """What a read returns for an entry that must be dropped, and why."""
+    """Read result for an entry that must be dropped, with the reason."""
 
     reason: str
 

@@ -456,7 +456,7 @@ def test_daemon_metrics_exact_workload(tmp_path: Path, store: FileStore):
     assert value(parsed, "lazyfs_verification_failures_total", tier="store") == 1
     assert value(parsed, "lazyfs_verification_failures_total", tier="disk") == 0
     # Four indexes, four chunk objects and four boot trace lookups, one per
-    # image; the corrupt chunk's object was read fine, and no image has a trace.
+    # image. The corrupt chunk's object was read fine, and no image has a trace.
     assert value(parsed, "lazyfs_store_requests_total", operation="get") == 12
     assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="ok") == 7
     assert value(parsed, "lazyfs_store_request_results_total", operation="get", result="not_found") == 5

@@ -336,7 +336,7 @@ def trace_gets(proxy: FaultProxy) -> int:
     return sum(1 for method, path, _action in proxy.requests if method == "GET" and "/traces/" in path)
 
 
-def test_loaded_trace_cached_and_restart_makes_no_store_request(image, s3_server, tmp_path):
+def test_cached_trace_spares_restart_request(image, s3_server, tmp_path):
     order = image.chunks["f2"] + image.chunks["big"]
     stored = encode_trace(image.digest, order)
     image.store.put(trace_key(image.digest), stored)
