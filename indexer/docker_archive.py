@@ -16,7 +16,9 @@ the config. A compressed layer under any other name is hashed once while
 the source resolves. The pipeline then checks every layer against that
 digest and its config diff_id as it streams.
 
-Members are read in place with ``tarfile`` random access: nothing is
+Members are read in place: ``tarfile`` lists them once, and each member
+stream reads its byte range with ``pread``, so the pipeline's layer threads
+read different members at once without sharing a file offset. Nothing is
 extracted to disk.
 """
 
@@ -33,6 +35,7 @@ from . import mediatypes
 from .errors import ImageError, SourceError, UsageError
 from .manifest import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Descriptor, load_json, parse_config
 from .source import RootDocument, Source
+from .streams import ReadStream
 
 PREFIX = "docker-archive:"
 MANIFEST_MEMBER = "manifest.json"
@@ -204,10 +207,13 @@ class DockerArchiveSource(Source):
         raise ImageError(f"{self.label}: {role}: more than {MAX_LINK_HOPS} links from member {name!r}")
 
     def _open_member(self, member: tarfile.TarInfo) -> BinaryIO:
-        stream = self._tar.extractfile(member)
-        if stream is None:
+        if not member.isfile():
             raise ImageError(f"{self.label}: member {member.name!r} is not a regular file")
-        return stream
+        if member.sparse is not None:
+            raise ImageError(f"{self.label}: member {member.name!r} is a sparse file, which a "
+                             "docker-archive source does not read")
+        return _MemberStream(self._tar.fileobj.fileno(), member.offset_data, member.size, self.label,
+                             member.name)
 
     def _read_member(self, member: tarfile.TarInfo, limit: int, role: str) -> bytes:
         if member.size > limit:
@@ -222,6 +228,38 @@ class DockerArchiveSource(Source):
             while piece := stream.read(_HASH_READ_BYTES):
                 hasher.update(piece)
         return "sha256:" + hasher.hexdigest()
+
+
+class _MemberStream(ReadStream):
+    """The bytes of one archive member, read with ``pread`` from the archive's descriptor.
+
+    ``tarfile``'s own member streams seek the archive's one file object
+    before each read, so two threads reading two members interleave their
+    seeks and read each other's bytes.
+    """
+
+    def __init__(self, fd: int, start: int, size: int, label: str, name: str):
+        super().__init__()
+        self._fd = fd
+        self._position = start
+        self._end = start + size
+        self._label = label
+        self._name = name
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._end - self._position
+        if size is None or size < 0 or size > left:
+            size = left
+        if size == 0:
+            return b""
+        try:
+            data = os.pread(self._fd, size, self._position)
+        except OSError as exc:
+            raise SourceError(f"{self._label}: reading member {self._name!r} failed: {exc}") from None
+        if not data:
+            raise ImageError(f"{self._label}: the archive ends inside member {self._name!r}")
+        self._position += len(data)
+        return data
 
 
 def _digest_from_blob_name(name: str) -> str | None:

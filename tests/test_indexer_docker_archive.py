@@ -14,13 +14,15 @@ import hashlib
 import io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lazyfs.indexer.docker_archive import parse_archive_reference
+from lazyfs.indexer.docker_archive import DockerArchiveSource, parse_archive_reference
 from lazyfs.indexer.errors import UsageError
+from lazyfs.indexer.manifest import Descriptor
 from lazyfs.store import open_store
 from tests.support import oci
 from tests.support.oci import directory, file, symlink
@@ -394,3 +396,32 @@ def test_parse_reference_without_tag(tmp_path, suffix):
 def test_parse_reference_missing_file(tmp_path):
     with pytest.raises(UsageError, match="no such archive file"):
         parse_archive_reference(f"docker-archive:{tmp_path}/missing.tar:team/app:v1")
+
+
+def test_concurrent_member_reads_get_own_bytes(tmp_path):
+    """Check that threads reading different layers at once each get their own member's bytes."""
+    archive = tmp_path / "image.tar"
+    write_archive(archive, [ArchiveImage([LOWER, UPPER, [file("opt/more", bytes(range(7, 256)) * 8192)]],
+                                         ["team/app:v1"])], blobs_layout=True)
+    source = DockerArchiveSource(str(archive), None)
+    layers = json.loads(source.resolve().data)["layers"]
+    expected = {}
+    with tarfile.open(archive) as plain:
+        for layer in layers:
+            expected[layer["digest"]] = plain.extractfile("blobs/sha256/" + layer["digest"][7:]).read()
+
+    def read_small_pieces(digest: str) -> bytes:
+        pieces = []
+        with source.open_blob(Descriptor("", digest, 0)) as stream:
+            while piece := stream.read(512):
+                pieces.append(piece)
+        return b"".join(pieces)
+
+    try:
+        for _round in range(5):
+            with ThreadPoolExecutor(len(layers)) as pool:
+                got = dict(zip(expected, pool.map(read_small_pieces, expected)))
+            assert {digest: _sha256(data) for digest, data in got.items()} == \
+                {digest: _sha256(data) for digest, data in expected.items()}
+    finally:
+        source.close()
