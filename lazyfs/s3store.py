@@ -3,6 +3,12 @@
 Any S3-compatible endpoint works through ``StoreOptions.endpoint_url`` (or the
 ``AWS_ENDPOINT_URL`` variable boto3 reads itself). botocore's own retries are
 off so that one policy, ``lazyfs.store.retry``, governs every request.
+
+botocore 1.36 and later add a CRC32 to every PUT and check one on every GET
+(https://github.com/boto/boto3/issues/4392). Here they run only where an
+operation requires them: chunks and indexes are named by their SHA-256 and
+verified on read, so the CRC32 only costs CPU. Some S3-compatible servers,
+such as Backblaze B2, also reject its ``x-amz-sdk-checksum-algorithm`` header.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class S3Store(Store):
             read_timeout=options.read_timeout_s,
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=options.max_connections,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
         self._client = session.client(

@@ -103,6 +103,22 @@ def test_s3_store_roundtrip(s3_server, s3_bucket):
         store.get("chunks/cd")
 
 
+def test_s3_store_sends_no_crc32_checksums(s3_server, s3_bucket):
+    proxy, make_store = _proxied_store(s3_server, s3_bucket, [])
+
+    with proxy:
+        store = make_store()
+        store.put("chunks/ab", b"payload")
+        assert store.get("chunks/ab") == b"payload"
+
+    assert [(method, path) for method, path, _action in proxy.requests] == [
+        ("PUT", f"/{s3_bucket}/prefix/chunks/ab"), ("GET", f"/{s3_bucket}/prefix/chunks/ab")]
+    put_headers = {name.lower() for name in proxy.request_headers[0]}
+    get_headers = {name.lower() for name in proxy.request_headers[1]}
+    assert {name for name in put_headers if "checksum" in name} == set()
+    assert {name for name in get_headers if "checksum" in name} == set()
+
+
 def _proxied_store(s3_server, bucket, script, options=FAST_RETRIES):
     port = urllib.parse.urlsplit(s3_server.endpoint_url).port
     proxy = FaultProxy("127.0.0.1", port, script)
