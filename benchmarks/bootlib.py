@@ -95,6 +95,7 @@ UNPACK = "unpack (umoci unpack)"
 PULL_RUN = "run (runc run)"
 PULL_TOTAL = "pull + unpack total"
 LOCAL = "local (runc run)"
+LOCAL_CONCURRENT = "local, 8 runs at once (runc run)"
 DAEMON_START = "daemon start, empty tiers"
 DAEMON_RESTART = "daemon restart over the LMDB tier"
 
@@ -523,14 +524,42 @@ def write_runtime_config(benchmark: BootBenchmark, bundle: Path, layout: Path, t
 
 def run_container(benchmark: BootBenchmark, state: str, bundle: Path, runc_root: Path) -> float:
     """Run the bundle with ``runc run``, check the output and return the wall-clock seconds."""
-    container_id = f"{benchmark.name.replace('_', '-')}-{secrets.token_hex(4)}"
+    return run_containers(benchmark, state, bundle, runc_root, 1)
+
+
+def run_containers(benchmark: BootBenchmark, state: str, bundle: Path, runc_root: Path, count: int) -> float:
+    """Start ``count`` containers of the bundle at once and return the seconds until the last one ended."""
+    prefix = benchmark.name.replace("_", "-")
+    container_ids = [f"{prefix}-{secrets.token_hex(4)}" for _ in range(count)]
     runc = ["runc", "--root", str(runc_root)]
+    processes = []
     try:
-        seconds, result = timed_step(f"runc run ({state})", [*runc, "run", "--bundle", str(bundle), container_id])
+        started = time.perf_counter()
+        for container_id in container_ids:
+            processes.append(subprocess.Popen([*runc, "run", "--bundle", str(bundle), container_id],
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True))
+        results = []
+        for process in processes:
+            try:
+                stdout, stderr = process.communicate(timeout=STEP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise BenchmarkError(f"runc run ({state}) timed out after {STEP_TIMEOUT_S:.0f} s") from None
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        seconds = time.perf_counter() - started
     finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         # runc run removes the container when it exits, but not after a timeout.
-        subprocess.run([*runc, "delete", "--force", container_id], capture_output=True)
-    check_workload_output(benchmark, f"runc run ({state})", result)
+        for container_id in container_ids:
+            subprocess.run([*runc, "delete", "--force", container_id], capture_output=True)
+    for result in results:
+        if result.returncode != 0:
+            raise BenchmarkError(f"runc run ({state}) failed with exit code {result.returncode}: "
+                                 f"{' '.join(result.args)}\n{result.stderr.strip()}")
+        check_workload_output(benchmark, f"runc run ({state})", result)
     return seconds
 
 
@@ -560,6 +589,11 @@ def measure_local(benchmark: BootBenchmark, bundle: Path, work: Path, measuremen
     seconds = run_container(benchmark, "local", bundle, work / "runc")
     measurements.seconds[LOCAL].append(seconds)
     log.info("local: %.3f s", seconds)
+    # The same number of boots as CONCURRENT without lazyfs: the time this machine's cores allow.
+    drop_page_cache()
+    seconds = run_containers(benchmark, LOCAL_CONCURRENT, bundle, work / "runc", CONCURRENT_BOOTS)
+    measurements.seconds[LOCAL_CONCURRENT].append(seconds)
+    log.info("%s: %.3f s", LOCAL_CONCURRENT, seconds)
 
 
 # -- the whole run --------------------------------------------------------------
@@ -625,6 +659,7 @@ def seconds_table(measurements: Measurements) -> list[str]:
     for row in (PULL, UNPACK, PULL_RUN):
         lines.append(f"| - {row} {seconds_cells(seconds[row])}")
     lines.append(f"| {LOCAL} {seconds_cells(seconds[LOCAL])}")
+    lines.append(f"| {LOCAL_CONCURRENT}: until the last one ended {seconds_cells(seconds[LOCAL_CONCURRENT])}")
     for row in (DAEMON_START, DAEMON_RESTART):
         lines.append(f"| {row} (not in the times above) {seconds_cells(seconds[row])}")
     return lines
@@ -654,6 +689,8 @@ def ratio_lines(image: IndexedImage, measurements: Measurements) -> list[str]:
         ("lazyfs cold, first boot, 20 ms store RTT / pull + unpack total",
          seconds[FIRST_RTT] / seconds[PULL_TOTAL]),
         (f"{CONCURRENT}, until the last ended / lazyfs cold", seconds[CONCURRENT] / seconds[COLD]),
+        (f"{LOCAL_CONCURRENT}, until the last ended / lazyfs cold", seconds[LOCAL_CONCURRENT] / seconds[COLD]),
+        (f"{CONCURRENT} / {LOCAL_CONCURRENT}", seconds[CONCURRENT] / seconds[LOCAL_CONCURRENT]),
         (f"{CONCURRENT}: chunk requests / one cold boot's",
          statistics.median(measurements.counters[CONCURRENT]["chunk requests"]) / max(cold["chunk requests"], 1)),
         ("lazyfs warm disk / local", seconds[WARM] / seconds[LOCAL]),
@@ -704,7 +741,7 @@ def format_report(benchmark: BootBenchmark, image: IndexedImage, measurements: M
         "dropped. Pull + unpack: `skopeo copy` into a new OCI layout, "
         "`umoci unpack`, `runc run`, page cache dropped first, so only its run step finds the files "
         "that umoci has just written in the page cache. Local: `runc run` on that unpacked rootfs, "
-        "page cache dropped. FUSE requests and CPU times cover the run of `lazyfs-run` alone; the other "
+        f"page cache dropped, once and then {CONCURRENT_BOOTS} containers at once. FUSE requests and CPU times cover the run of `lazyfs-run` alone; the other "
         "counters are read after a `sync` request, so a replay that outlasts the workload is counted in "
         "full. The CPU time of the whole machine includes the workload, runc, moto and the daemon.",
         "",
