@@ -88,8 +88,17 @@ class DockerArchiveSource(Source):
                              "docker save wrote, decompressed") from None
         except OSError as exc:
             raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
+        try:
+            members = self._tar.getmembers()
+        except tarfile.TarError as exc:
+            self._tar.close()
+            raise ImageError(f"{self.label}: the archive is truncated or damaged ({exc}); write it "
+                             "again with docker save") from None
+        except OSError as exc:
+            self._tar.close()
+            raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
         self._members: dict[str, tarfile.TarInfo] = {}
-        for member in self._tar.getmembers():
+        for member in members:
             self._members[posixpath.normpath(member.name)] = member
         self._blobs: dict[str, tarfile.TarInfo] = {}
         self._manifest: bytes | None = None
@@ -257,7 +266,8 @@ class _MemberStream(ReadStream):
         except OSError as exc:
             raise SourceError(f"{self._label}: reading member {self._name!r} failed: {exc}") from None
         if not data:
-            raise ImageError(f"{self._label}: the archive ends inside member {self._name!r}")
+            raise ImageError(f"{self._label}: the archive ends inside member {self._name!r}; was it "
+                             "truncated while it was read?")
         self._position += len(data)
         return data
 

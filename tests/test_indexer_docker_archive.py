@@ -351,6 +351,22 @@ def test_not_a_docker_save_archive(tmp_path):
                           "is this a docker save archive?\n")
 
 
+def test_truncated_archive_is_image_error(tmp_path):
+    whole = tmp_path / "whole.tar"
+    write_archive(whole, [ArchiveImage([LOWER, UPPER], ["team/app:v1"])], blobs_layout=True)
+    with tarfile.open(whole) as tar:
+        largest = max(tar.getmembers(), key=lambda member: member.size)
+    archive = tmp_path / "image.tar"
+    archive.write_bytes(whole.read_bytes()[:largest.offset_data + largest.size // 2])
+
+    run = index(tmp_path, f"docker-archive:{archive}")
+
+    assert run.code == 3
+    assert run.stderr == (f"lazyfs-index: error: docker-archive:{archive}: the archive is truncated or "
+                          "damaged (unexpected end of data); write it again with docker save\n")
+    assert open_store((tmp_path / "store").as_uri()).list("") == []
+
+
 def test_gzipped_archive_is_rejected(tmp_path):
     plain = tmp_path / "image.tar"
     write_archive(plain, [ArchiveImage([LOWER], ["team/app:v1"])])
