@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 import tarfile
 from typing import Any, BinaryIO
 
@@ -36,6 +37,7 @@ from .errors import ImageError, SourceError, UsageError
 from .manifest import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Descriptor, load_json, parse_config
 from .source import RootDocument, Source
 from .streams import ReadStream
+from .tarheaders import CheckedTarInfo
 
 PREFIX = "docker-archive:"
 MANIFEST_MEMBER = "manifest.json"
@@ -60,6 +62,8 @@ def parse_archive_reference(text: str) -> tuple[str, str | None]:
     body = text.removeprefix(PREFIX)
     if os.path.isfile(body):
         return body, None
+    if os.path.exists(body):
+        raise SourceError(f"{PREFIX}{body}: not a regular file; give the archive file docker save wrote")
     for position in range(len(body) - 1, 0, -1):
         if body[position] != ":" or not os.path.isfile(body[:position]):
             continue
@@ -79,24 +83,12 @@ class DockerArchiveSource(Source):
         self.path = path
         self.reference = reference
         self.label = PREFIX + path + (f":{reference}" if reference else "")
+        self._file = self._open_file(path)
         try:
-            self._tar = tarfile.open(path, mode="r:")
-        except FileNotFoundError:
-            raise SourceError(f"{self.label}: the archive file is missing") from None
-        except tarfile.ReadError as exc:
-            raise ImageError(f"{self.label}: not an uncompressed tar archive ({exc}); give the file "
-                             "docker save wrote, decompressed") from None
-        except OSError as exc:
-            raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
-        try:
-            members = self._tar.getmembers()
-        except tarfile.TarError as exc:
-            self._tar.close()
-            raise ImageError(f"{self.label}: the archive is truncated or damaged ({exc}); write it "
-                             "again with docker save") from None
-        except OSError as exc:
-            self._tar.close()
-            raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
+            members = self._list_members()
+        except BaseException:
+            self._file.close()
+            raise
         self._members: dict[str, tarfile.TarInfo] = {}
         for member in members:
             self._members[posixpath.normpath(member.name)] = member
@@ -104,14 +96,50 @@ class DockerArchiveSource(Source):
         self._manifest: bytes | None = None
         self.names = [reference] if reference else []
 
+    def _open_file(self, path: str) -> BinaryIO:
+        """Open the archive, which must be a regular file. O_NONBLOCK keeps a FIFO from blocking the open."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"{self.label}: the archive file is missing") from None
+        except OSError as exc:
+            raise SourceError(f"{self.label}: opening the archive failed: {exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SourceError(f"{self.label}: not a regular file; give the archive file docker save wrote")
+        return os.fdopen(fd, "rb")
+
+    def _list_members(self) -> list[tarfile.TarInfo]:
+        """Read every member header, checked as the layer reader checks a layer's headers."""
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode="r:", tarinfo=CheckedTarInfo)
+        except tarfile.TarError as exc:
+            raise ImageError(f"{self.label}: not an uncompressed tar archive ({exc}); give the file "
+                             "docker save wrote, decompressed") from None
+        except OSError as exc:
+            raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
+        try:
+            return self._tar.getmembers()
+        except tarfile.TarError as exc:
+            raise ImageError(f"{self.label}: the archive is truncated or damaged ({exc}); write it "
+                             "again with docker save") from None
+        except OSError as exc:
+            raise SourceError(f"{self.label}: reading the archive failed: {exc}") from None
+
     def resolve(self) -> RootDocument:
-        entry = self._select_image(self._read_archive_manifest())
+        entries = self._read_archive_manifest()
+        for entry in entries:
+            self._check_repo_tags(entry.get("RepoTags"))
+        entry = self._select_image(entries)
         if self.reference is None:
-            tags = entry.get("RepoTags") or []
-            self.names = [tag for tag in tags if isinstance(tag, str)]
+            self.names = list(entry.get("RepoTags") or [])
         config_member = self._member(self._string(entry.get("Config"), "Config"), "the config")
         config_data = self._read_member(config_member, MAX_CONFIG_BYTES, "the image config")
         config_digest = "sha256:" + hashlib.sha256(config_data).hexdigest()
+        named_digest = _digest_from_blob_name(config_member.name)
+        if named_digest is not None and named_digest != config_digest:
+            raise ImageError(f"{self.label}: the image config {config_member.name} has digest {config_digest}, "
+                             f"not {named_digest}")
         self._blobs[config_digest] = config_member
         config = parse_config(config_data, f"{self.label}: image config {config_member.name}")
 
@@ -144,6 +172,13 @@ class DockerArchiveSource(Source):
 
     def close(self) -> None:
         self._tar.close()
+        self._file.close()
+
+    def _check_repo_tags(self, tags: object) -> None:
+        # null means the image has no tags.
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)):
+            raise ImageError(f"{self.label}: manifest.json: RepoTags must be a list of strings or null, "
+                             f"not {tags!r}")
 
     def _read_archive_manifest(self) -> list[dict[str, Any]]:
         member = self._members.get(MANIFEST_MEMBER)
@@ -221,8 +256,7 @@ class DockerArchiveSource(Source):
         if member.sparse is not None:
             raise ImageError(f"{self.label}: member {member.name!r} is a sparse file, which a "
                              "docker-archive source does not read")
-        return _MemberStream(self._tar.fileobj.fileno(), member.offset_data, member.size, self.label,
-                             member.name)
+        return _MemberStream(self._file.fileno(), member.offset_data, member.size, self.label, member.name)
 
     def _read_member(self, member: tarfile.TarInfo, limit: int, role: str) -> bytes:
         if member.size > limit:
@@ -256,9 +290,11 @@ class _MemberStream(ReadStream):
         self._name = name
 
     def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            # One pread may return less than asked, so read all in a loop.
+            return self.readall()
         left = self._end - self._position
-        if size is None or size < 0 or size > left:
-            size = left
+        size = min(size, left)
         if size == 0:
             return b""
         try:

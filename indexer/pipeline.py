@@ -42,7 +42,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from ..index import Node, write_index
-from ..refs import index_key, publish
+from ..errors import InvalidReference
+from ..refs import check_name, index_key, publish
 from ..store import Store
 from .chunker import ChunkingParams, Emit
 from .errors import ImageError
@@ -151,6 +152,13 @@ def index_image(source: Source, store: Store, options: IndexOptions = IndexOptio
     config = _read_config(source, manifest, manifest_digest)
     if options.platform is not None and not options.platform.matches(config.platform):
         raise ImageError(f"{source.label}: the image is for {config.platform}, not {options.platform}")
+    names = list(options.names if options.names is not None else source.names)
+    # A name the store cannot take fails here, before anything is uploaded.
+    for name in names:
+        try:
+            check_name(name)
+        except InvalidReference as exc:
+            raise ImageError(f"{source.label}: {exc}") from None
     log.info("indexing %s: manifest %s, %d layers, platform %s",
              source.label, manifest_digest, len(manifest.layers), config.platform)
 
@@ -168,7 +176,6 @@ def index_image(source: Source, store: Store, options: IndexOptions = IndexOptio
         key = index_key(index_digest)
         if not store.exists(key):
             store.put(key, index_bytes)
-        names = list(options.names if options.names is not None else source.names)
         refs = publish(store, index_digest, manifest_digest, names)
     finally:
         # Ends the bar's line on a terminal, also before an error message.
@@ -269,7 +276,7 @@ class _LayerReader:
                 log.info("layer %d of %d (%s): using the stored record of %s", number,
                          len(self.layers), descriptor.digest, diff_id)
                 continue
-            label = f"layer {number} of {len(self.layers)} ({descriptor.digest})"
+            label = f"{self.source.label}: layer {number} of {len(self.layers)} ({descriptor.digest})"
             feed: queue.SimpleQueue = queue.SimpleQueue()
             self._feeds.append(feed)
             self._slots.append(self._executor.submit(

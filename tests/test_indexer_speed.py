@@ -267,7 +267,7 @@ def test_progress_bar_ends_before_error(tmp_path):
     lines = output.decode().replace("\r\n", "\n").split("\n")
     assert len(lines) == 3
     assert lines[0].startswith("\r[")
-    assert lines[1].startswith("lazyfs-index: error: layer 2 of 2")
+    assert lines[1].startswith(f"lazyfs-index: error: {image.source}: layer 2 of 2 ")
     assert lines[2] == ""
 
 
