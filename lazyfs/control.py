@@ -61,7 +61,8 @@ recording and writes the trace to the store unless a valid one exists there;
 it returns ``{"index", "saved", "chunks", "state"}``, with ``saved`` false when
 nothing was written (not recording, no chunks read, or a trace exists).
 
-Any other request, and any request that fails, returns ``{"error": "<message>"}``.
+Any other request, and any request that fails, returns ``{"error": "<message>"}``
+and logs that message at INFO.
 
 Access: the socket is created with mode 0600 in a directory that is created
 with mode 0700 when it does not exist, so only its owner (normally root) can
@@ -192,24 +193,35 @@ class ControlServer:
                 return
 
     async def respond(self, line: bytes) -> dict[str, Any]:
-        """Return the response object for one request line."""
+        """Return the response object for one request line; log each error response."""
         try:
             request = json.loads(line)
-        except ValueError as exc:
-            return {"error": f"invalid JSON request: {exc}"}
+        except (ValueError, RecursionError) as exc:
+            return _rejected(None, f"invalid JSON request: {exc}")
         if not isinstance(request, dict):
-            return {"error": "a request must be a JSON object"}
+            return _rejected(None, "a request must be a JSON object")
         op = request.get("op")
+        try:
+            json.dumps(request, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            # Handlers encode names and paths, so a lone surrogate escape (\ud800) must not reach them.
+            return _rejected(op, "the request contains a lone surrogate escape; send valid Unicode")
         if op == "status":
             return self._status()
-        handler = self._handlers.get(op)
+        handler = self._handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             supported = ", ".join(["status", *sorted(self._handlers)])
-            return {"error": f"unknown op {op!r}; supported: {supported}"}
+            return _rejected(op, f"unknown op {op!r}; supported: {supported}")
         try:
             return await handler(request)
         except LazyfsError as exc:
-            return {"error": str(exc)}
+            return _rejected(op, str(exc))
+
+
+def _rejected(op: object, message: str) -> dict[str, Any]:
+    """Log a failed control request and return its error response."""
+    log.info("control request %.100r failed: %s", op, message)
+    return {"error": message}
 
 
 def _encode(response: dict[str, Any]) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ class ControlClient:
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return its response; raise ControlError on any failure."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout_s)
             self._connect(sock)
+            sock.settimeout(self.timeout_s)
             try:
                 sock.sendall(json.dumps(request).encode() + b"\n")
                 line = self._receive_line(sock)
@@ -68,8 +69,17 @@ class ControlClient:
         return response
 
     def _connect(self, sock: socket.socket) -> None:
+        # A socket with a Python timeout is non-blocking, and its connect fails
+        # at once with EAGAIN while the daemon's listen backlog is full. A
+        # blocking connect waits for room, for at most SO_SNDTIMEO.
+        seconds, fraction = divmod(self.timeout_s, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int(fraction * 1_000_000)))
         try:
             sock.connect(str(self.path))
+        except BlockingIOError:
+            raise ControlError(f"the daemon at {self.path} did not accept the connection within "
+                               f"{self.timeout_s:g} s: its control socket's backlog is full") from None
         except FileNotFoundError:
             raise ControlError(f"no control socket at {self.path}: is the lazyfs daemon running?") from None
         except ConnectionRefusedError:

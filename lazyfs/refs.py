@@ -19,7 +19,8 @@ import urllib.parse
 from .errors import InvalidReference, LazyfsError, ObjectNotFound, RefNotFound
 from .store import Store
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# \Z, because $ also matches before a final newline.
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 def is_index_digest(value: str) -> bool:
