@@ -179,6 +179,9 @@ class Flattener:
             node.target = _encode(member.linkname)
             if not node.target:
                 raise self._error(name, "symlink has an empty target")
+            if len(node.target) >= PATH_MAX_BYTES:
+                # The daemon rejects such an index too: Linux cannot hold this symlink.
+                raise self._error(name, f"symlink target is longer than {PATH_MAX_BYTES - 1} bytes")
         elif member.ischr() or member.isblk():
             node = self._new_node(member, name, stat.S_IFCHR if member.ischr() else stat.S_IFBLK)
             node.rdev = os.makedev(member.devmajor, member.devminor)

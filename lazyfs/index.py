@@ -5,7 +5,8 @@ Stored object (the index digest is the SHA-256 of these exact bytes)::
     magic   4 bytes  b"LZIX"
     version u16      FORMAT_VERSION
     flags   u16      0
-    body    one zstd frame (with content size) holding the body below
+    body    one zstd frame (with content size) holding the body below; bytes
+            after it are ignored
 
 Body, all integers little-endian, sections back to back in this order::
 
@@ -38,18 +39,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import stat
 import struct
+import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import zstandard
 
+from .chunk import MAX_CHUNK_BYTES
 from .errors import IndexFormatError
 
 MAGIC = b"LZIX"
 FORMAT_VERSION = 1
+# Linux's PATH_MAX less its NUL: no symlink target can be longer, and the
+# indexer rejects a layer with one.
+MAX_SYMLINK_TARGET_BYTES = 4095
+MAX_FILE_SIZE = (1 << 63) - 1
+_FILE_TYPES = frozenset((stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                         stat.S_IFIFO, stat.S_IFSOCK))
 # About 60 bytes per inode plus names: room for several million files. A body
 # that declares more is rejected before it is decompressed.
 MAX_BODY_BYTES = 1 << 28
@@ -287,14 +297,19 @@ class Index:
         (self._config, self._chunks, self._inodes, self._dirents, self._extents,
          self._xattrs, self._strings) = sections
         self._body = body
-        self._config_cache: dict | None = None
         if not stat.S_ISDIR(self.inode(0).mode):
             raise IndexFormatError(f"index {self.digest}: root is not a directory")
+        try:
+            config = json.loads(bytes(self._config))
+        except (ValueError, RecursionError) as exc:
+            raise IndexFormatError(f"index {self.digest}: the image config is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise IndexFormatError(f"index {self.digest}: the image config is not a JSON object")
+        self._config_cache: dict = config
+        _check_records(self, strings_bytes)
 
     @property
     def config(self) -> dict:
-        if self._config_cache is None:
-            self._config_cache = json.loads(bytes(self._config))
         return self._config_cache
 
     def inode(self, number: int) -> Inode:
@@ -394,3 +409,108 @@ class Index:
                 children = [(path + b"/" + name if path else name, inode)
                             for _position, name, inode in self.entries(number)]
                 stack.extend(reversed(children))
+
+
+
+def _check_records(index: Index, strings_bytes: int) -> None:
+    """Raise IndexFormatError unless every record of ``index`` is in range and the tree is sound.
+
+    The digest proves only that these are the bytes a ref names, not that
+    lazyfs-index wrote them: anyone who can write to the store could publish
+    an index whose records point outside their tables, form a directory
+    cycle, or give a file extents that do not cover it. Checked once per
+    load, with the per-record work in C where ``map`` and ``max`` allow, so
+    that the daemon never serves such an image.
+    """
+    def fail(problem: str) -> None:
+        raise IndexFormatError(f"index {index.digest}: {problem}")
+
+    if sys.byteorder != "little":
+        # TODO: the word views below read the little-endian tables in host order.
+        raise IndexFormatError(f"index {index.digest}: checking indexes needs a little-endian host")
+    chunk_lengths = [length for _address, length in _CHUNK.iter_unpack(index._chunks)]
+    if chunk_lengths and not 0 < min(chunk_lengths) <= max(chunk_lengths) <= MAX_CHUNK_BYTES:
+        fail(f"a chunk length is 0 or more than {MAX_CHUNK_BYTES}")
+    xattrs = list(_XATTR.iter_unpack(index._xattrs))
+    if xattrs and max(max(name_offset + name_length, value_offset + value_length)
+                      for name_offset, name_length, value_offset, value_length in xattrs) > strings_bytes:
+        fail("an xattr lies outside the strings section")
+
+    # The inode table as 32-bit words, 15 per record, so that each field is a
+    # strided view that max() and map() read without building tuples.
+    words = index._inodes.cast("I")
+    inode_count = len(words) // 15
+    modes, sizes_high = words[0::15], words[7::15]
+    firsts, counts, parents, xattr_firsts, xattr_counts = (words[field::15] for field in range(10, 15))
+    kinds = [mode & 0o170000 for mode in modes]
+    if not _FILE_TYPES.issuperset(kinds):
+        fail("an inode has no valid file type")
+    if max(parents) >= inode_count or max(sizes_high) > MAX_FILE_SIZE >> 32 \
+            or max(map(operator.add, xattr_firsts, xattr_counts)) > len(xattrs):
+        fail("an inode has a parent, size or xattr range out of range")
+    sizes = [low | high << 32 for low, high in zip(words[6::15], sizes_high)]
+    directories = [number for number, kind in enumerate(kinds) if kind == stat.S_IFDIR]
+    files = [number for number, kind in enumerate(kinds) if kind == stat.S_IFREG]
+    _check_directories(index, fail, directories, kinds, firsts, counts, parents, strings_bytes)
+    _check_files(index, fail, files, firsts, counts, sizes, chunk_lengths)
+    for number in (number for number, kind in enumerate(kinds) if kind == stat.S_IFLNK):
+        if firsts[number] + counts[number] > strings_bytes or counts[number] > MAX_SYMLINK_TARGET_BYTES:
+            fail(f"symlink inode {number} has a target out of range or over {MAX_SYMLINK_TARGET_BYTES} bytes")
+
+
+def _check_directories(index: Index, fail: Callable[[str], None], directories: list[int], kinds: list[int],
+                       firsts: tuple, counts: tuple, parents: tuple, strings_bytes: int) -> None:
+    """Check every directory's entries: in range, valid unique sorted names, and a tree without cycles."""
+    dirents = list(_DIRENT.iter_unpack(index._dirents))
+    strings = bytes(index._strings)
+    directory_children: list[int] = []
+    for number in directories:
+        first, count = firsts[number], counts[number]
+        if first + count > len(dirents):
+            fail(f"directory inode {number} has entries past the dirent table")
+        entries = dirents[first:first + count]
+        if not entries:
+            continue
+        offsets, lengths, children = zip(*entries)
+        if max(map(operator.add, offsets, lengths)) > strings_bytes or max(children) >= len(kinds):
+            fail(f"directory inode {number} has an entry out of range")
+        names = [strings[offset:offset + length] for offset, length, _child in entries]
+        if not all(map(operator.lt, names, names[1:])):
+            fail(f"directory inode {number} has names out of order or twice")
+        joined = b"\x01".join(names)
+        if b"" in names or b"." in names or b".." in names or b"/" in joined or b"\0" in joined:
+            fail(f"directory inode {number} has an empty name, . or .., or a name with / or NUL")
+        for child in [child for child in children if kinds[child] == stat.S_IFDIR]:
+            # Inodes are numbered breadth-first, so a child directory comes after
+            # its parent: with one parent each, there is no cycle.
+            if child <= number or parents[child] != number:
+                fail(f"directory inode {child} is not a proper child of inode {number}")
+            directory_children.append(child)
+    if len(set(directory_children)) != len(directory_children):
+        fail("a directory has more than one name")
+
+
+def _check_files(index: Index, fail: Callable[[str], None], files: list[int], firsts: tuple,
+                 counts: tuple, sizes: tuple, chunk_lengths: list[int]) -> None:
+    """Check that each regular file's extents cover it exactly, in order, inside their chunks."""
+    extents = list(_EXTENT.iter_unpack(index._extents))
+    extent_count = len(extents)
+    chunk_count = len(chunk_lengths)
+    for number in files:
+        first, count = firsts[number], counts[number]
+        if first + count > extent_count:
+            fail(f"file inode {number} has extents past the extent table")
+        if count == 1:
+            # A file of up to one chunk has one extent: the quick path.
+            file_offset, chunk, chunk_offset, length = extents[first]
+            if file_offset == 0 and length == sizes[number] and length and chunk < chunk_count \
+                    and chunk_offset + length <= chunk_lengths[chunk]:
+                continue
+        position = 0
+        for file_offset, chunk, chunk_offset, length in extents[first:first + count]:
+            if file_offset != position or length == 0 or chunk >= len(chunk_lengths) \
+                    or chunk_offset + length > chunk_lengths[chunk]:
+                fail(f"file inode {number} has an extent that leaves a gap, overlaps or lies outside its chunk")
+            position += length
+        if position != sizes[number]:
+            fail(f"the extents of file inode {number} cover {position} bytes, not its size {sizes[number]}")

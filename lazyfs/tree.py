@@ -60,6 +60,7 @@ import logging
 import re
 import stat
 import time
+import traceback
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -239,6 +240,8 @@ class _Load:
 # image in a loop then make one store request in that time, not one each, and
 # an image published after a failed lookup shows up at most this much later.
 INDEX_FAILURE_MEMORY_S = 2.0
+# Failed loads remembered at once, at most: a lookup of random digests must not grow memory.
+MAX_FAILED_LOADS = 1024
 
 
 def _not_found(message: str) -> FilesystemError:
@@ -305,7 +308,8 @@ class Tree:
         if failure is not None:
             remembered_until, error = failure
             if self._monotonic() < remembered_until:
-                raise error
+                # A fresh traceback each time, so the remembered error does not grow one.
+                raise error.with_traceback(None)
             del self._failed_loads[digest]
         while True:
             image = self._by_digest.get(digest)
@@ -324,12 +328,29 @@ class Tree:
             return load.image
         except Exception as exc:
             load.error = exc
-            self._failed_loads[digest] = (self._monotonic() + INDEX_FAILURE_MEMORY_S, exc)
+            self._remember_failure(digest, exc)
             raise
         finally:
             # A cancelled load leaves neither image nor error; its waiters retry.
             del self._loads[digest]
             load.done.set()
+
+    def _remember_failure(self, digest: str, error: Exception) -> None:
+        """Keep a failed load's error for INDEX_FAILURE_MEMORY_S, without the frames it came from."""
+        # The finished frames of a failed load may hold its index body, up to MAX_BODY_BYTES.
+        chained: BaseException | None = error
+        seen: set[int] = set()
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
+        now = self._monotonic()
+        if len(self._failed_loads) >= MAX_FAILED_LOADS:
+            for expired in [key for key, (until, _error) in self._failed_loads.items() if until <= now]:
+                del self._failed_loads[expired]
+            while len(self._failed_loads) >= MAX_FAILED_LOADS:
+                del self._failed_loads[next(iter(self._failed_loads))]
+        self._failed_loads[digest] = (now + INDEX_FAILURE_MEMORY_S, error)
 
     async def _load(self, digest: str) -> Image:
         index, size_bytes = await self._load_index(digest)

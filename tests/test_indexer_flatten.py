@@ -267,9 +267,10 @@ def test_invalid_hardlink_is_rejected(tmp_path, store_url, entries, message):
     ([[symlink("link", "/etc"), hardlink("h", "link/passwd")]], "h",
      "hardlink target leads through the symlink 'link'"),
     ([[file(".wh..", b"")]], ".wh..", "whiteout names no entry"),
+    ([[symlink("long", "x" * 4096)]], "long", "symlink target is longer than 4095 bytes"),
 ], ids=["dotdot", "dotdot-nested", "absolute", "symlink-parent", "symlink-parent-lower-layer",
         "symlink-parent-dotdot", "file-parent", "hardlink-dotdot", "hardlink-absolute",
-        "hardlink-through-symlink", "whiteout-dotdot"])
+        "hardlink-through-symlink", "whiteout-dotdot", "symlink-target-4096-bytes"])
 def test_hostile_entry_is_rejected(tmp_path, store_url, layers, entry, message):
     image, run = index_rejected(tmp_path, store_url, *layers)
 

@@ -552,18 +552,18 @@ async def test_tree_one_bad_chunk_fails_whole_read(store: ScriptedStore):
     assert await tree.read(inode, 8192, 4096) == data[8192:]
 
 
-async def test_tree_extent_past_chunk_eio(store: ScriptedStore):
+async def test_tree_extent_past_chunk_rejected_at_attach(store: ScriptedStore):
     data = sample_image.deterministic_bytes(8, 1000)
     address = sample_image.put_chunk(store, data)
     node = Node(mode=stat.S_IFREG | 0o644, size=1500, extents=[(address, 0, 1000), (address, 500, 500)])
     # 600 bytes from offset 900 overrun the 1000-byte chunk.
     broken = Node(mode=stat.S_IFREG | 0o644, size=600, extents=[(address, 900, 600)])
-    digest = sample_image.publish_index(store, sample_image.directory({b"ok": node, b"broken": broken}),
-                                        {address: len(data)})
+    good = sample_image.publish_index(store, sample_image.directory({b"ok": node}), {address: len(data)})
+    bad = sample_image.publish_index(store, sample_image.directory({b"ok": node, b"broken": broken}),
+                                     {address: len(data)})
     tree = make_tree(store)
-    root = await tree.lookup(IMAGES_INODE, digest.encode())
 
-    ok = await tree.lookup(root, b"ok")
-    assert await tree.read(ok, 0, 2000) == data + data[500:]
-    with pytest.raises(IndexFormatError, match="do not cover bytes 0 to 600"):
-        await tree.read(await tree.lookup(root, b"broken"), 0, 600)
+    root = await tree.lookup(IMAGES_INODE, good.encode())
+    assert await tree.read(await tree.lookup(root, b"ok"), 0, 2000) == data + data[500:]
+    with pytest.raises(IndexFormatError, match="has an extent that leaves a gap, overlaps or lies outside its chunk"):
+        await tree.lookup(IMAGES_INODE, bad.encode())
