@@ -306,7 +306,8 @@ class Index:
         if not isinstance(config, dict):
             raise IndexFormatError(f"index {self.digest}: the image config is not a JSON object")
         self._config_cache: dict = config
-        _check_records(self, strings_bytes)
+        # Bytes of all regular files, which the check adds up on its way.
+        self.file_bytes = _check_records(self, strings_bytes)
 
     @property
     def config(self) -> dict:
@@ -412,8 +413,8 @@ class Index:
 
 
 
-def _check_records(index: Index, strings_bytes: int) -> None:
-    """Raise IndexFormatError unless every record of ``index`` is in range and the tree is sound.
+def _check_records(index: Index, strings_bytes: int) -> int:
+    """Return the bytes of all regular files; raise IndexFormatError unless every record is sound.
 
     The digest proves only that these are the bytes a ref names, not that
     lazyfs-index wrote them: anyone who can write to the store could publish
@@ -456,6 +457,7 @@ def _check_records(index: Index, strings_bytes: int) -> None:
     for number in (number for number, kind in enumerate(kinds) if kind == stat.S_IFLNK):
         if firsts[number] + counts[number] > strings_bytes or counts[number] > MAX_SYMLINK_TARGET_BYTES:
             fail(f"symlink inode {number} has a target out of range or over {MAX_SYMLINK_TARGET_BYTES} bytes")
+    return sum(map(sizes.__getitem__, files))
 
 
 def _check_directories(index: Index, fail: Callable[[str], None], directories: list[int], kinds: list[int],

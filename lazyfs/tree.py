@@ -797,8 +797,7 @@ class Tree:
 def _parse_index(data: bytes, digest: str) -> tuple[Index, int]:
     """Parse and verify an index; return it with the total bytes of its regular files."""
     index = Index(data, digest)
-    size_bytes = sum(record.size for record in index.inodes() if stat.S_ISREG(record.mode))
-    return index, size_bytes
+    return index, index.file_bytes
 
 
 def _digest_name(name: bytes) -> str:
