@@ -417,11 +417,11 @@ def _check_records(index: Index, strings_bytes: int) -> int:
     """Return the bytes of all regular files; raise IndexFormatError unless every record is sound.
 
     The digest proves only that these are the bytes a ref names, not that
-    lazyfs-index wrote them: anyone who can write to the store could publish
+    lazyfs-index wrote them. Anyone who can write to the store could publish
     an index whose records point outside their tables, form a directory
-    cycle, or give a file extents that do not cover it. Checked once per
-    load, with the per-record work in C where ``map`` and ``max`` allow, so
-    that the daemon never serves such an image.
+    cycle, or give a file extents that do not cover it. The check runs once
+    per load, with the per-record work in C where ``map`` and ``max`` allow,
+    so that the daemon never serves such an image.
     """
     def fail(problem: str) -> None:
         raise IndexFormatError(f"index {index.digest}: {problem}")

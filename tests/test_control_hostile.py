@@ -2,9 +2,9 @@
 
 Every GPU node runs one daemon and all its containers read through the mount,
 so no control client may crash, block or stall it. Each test attacks a real
-daemon over the sample image, then checks that it still replies to a status
-request on a new connection and still serves FUSE requests (statfs, a lookup
-and a read, in a child process with a timeout, so a hang fails the test).
+daemon over the sample image. Then it checks that the daemon still replies to
+a status request on a new connection and still serves FUSE requests: statfs,
+a lookup and a read, in a child process with a timeout, so a hang fails the test.
 """
 
 from __future__ import annotations
