@@ -161,9 +161,9 @@ class Crafted:
 
 
 def _swap_dirents(body: Crafted, first: int, second: int) -> None:
-    one, other = body.dirent(first), body.dirent(second)
-    body.set_dirent(first, *other)
-    body.set_dirent(second, *one)
+    first_entry, second_entry = body.dirent(first), body.dirent(second)
+    body.set_dirent(first, *second_entry)
+    body.set_dirent(second, *first_entry)
 
 
 def _symlink_target_megabytes(body: Crafted) -> None:
